@@ -1,0 +1,286 @@
+"""Typed run configuration: YAML file + dotted overrides, merged and validated by OmegaConf.
+
+The dataclasses below are the single source of truth for every knob and its default. An unknown
+key is an error naming the closest valid keys; a wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+@dataclass
+class TinyModelConfig:
+    """The built-in tiny Qwen2 model and its supervised warm start (used when model.path == "tiny")."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    warm_start_steps: int = 1500
+    warm_start_batch_size: int = 64
+    warm_start_lr: float = 3e-3
+    direct_fraction: float = 0.5  # share of warm-start answers given directly (the short, unreliable way)
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # "tiny" (built here, cached), a local HF directory, or a hub name
+    backend: str = "hf"  # hf | bnb4 | unsloth
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: Optional[str] = None
+    cache_dir: str = ".cache/fipo_lite"  # where the tiny model is built
+    max_seq_length: int = 4096  # unsloth
+    offload_gradients: bool = True  # unsloth's "unsloth" gradient checkpointing (activation offload)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class LoraConfig:
+    enable: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class VllmConfig:
+    gpu_memory_utilization: float = 0.5
+    max_model_len: int = 4096
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = True
+    max_lora_rank: int = 64
+    enforce_eager: bool = False
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | vllm
+    n: int = 8  # samples per prompt (the group size G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+    generation_batch_size: int = 64  # sequences per HF generate call
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass
+class DataConfig:
+    train: str = "synthetic:addition"  # synthetic:NAME, a .jsonl file or a verl-format .parquet file
+    val: str = "synthetic:addition"
+    val_size: int = 64  # held-out prompts (synthetic val draws from a disjoint seed)
+    max_prompt_length: int = 512
+    shuffle: bool = True
+
+
+@dataclass
+class OverlongConfig:
+    enable: bool = False
+    buffer_len: int = 16
+    penalty_factor: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    name: str = "auto"  # auto (by data_source) | exact | dapo_math | boxed
+    timeout_s: float = 5.0  # a reward call past this scores 0 and is counted
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+
+
+@dataclass
+class FilterGroupsConfig:
+    enable: bool = True  # DAPO dynamic sampling
+    metric: str = "acc"  # acc | score
+    max_num_gen_batches: int = 4  # 0: no limit
+
+
+@dataclass
+class AlgorithmConfig:
+    loss_mode: str = "fipo"  # fipo | dapo | grpo
+    norm_adv_by_std: bool = True  # False: Dr. GRPO mean-only advantages
+    clip_low: float = 0.2
+    clip_high: Optional[float] = None  # None: 0.28 (fipo/dapo), clip_low (grpo)
+    dual_clip_c: float = 10.0
+    tau: float = 32.0
+    fkl_clip_low: float = 1.0
+    fkl_clip_high: float = 1.2
+    safety_thresh: float = 10.0
+    start: str = "include_current"
+    window: int = -1
+    average: bool = False
+    mask_dual_clip: bool = True
+    invalidate_dual_clipped: bool = True
+    loss_agg_mode: Optional[str] = None  # None: the mode's default
+    kl_coef: float = 0.0  # grpo: k3 KL to the frozen reference (the base model without adapter)
+    tis_cap: Optional[float] = None  # truncated importance sampling against sampler log-probs
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 40
+    train_batch_size: int = 16  # prompts per step
+    ppo_mini_batch_size: int = 8  # prompts per optimizer step
+    micro_batch_size: int = 32  # sequences per forward/backward
+    max_tokens_per_micro_batch: int = 0  # >0: pack micro-batches by a token budget instead
+    ppo_epochs: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 2
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes)
+    logprob_chunk_size: int = 1024  # tokens per log-softmax chunk
+    eval_every: int = 10  # 0: never; the warm start (step 0) and the last step are evaluated too
+    eval_k: int = 8
+    save_every: int = 10  # 0: never
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | never | PATH to a checkpoint dir
+    progress: bool = True
+    num_threads: int = 0  # torch CPU threads; 0: leave torch's default
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+CHOICES = {
+    "model.backend": ("hf", "bnb4", "unsloth"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.device": ("auto", "cpu", "cuda"),
+    "rollout.engine": ("hf", "vllm"),
+    "reward.name": ("auto", "exact", "dapo_math", "boxed"),
+    "algorithm.loss_mode": ("fipo", "dapo", "grpo"),
+    "algorithm.start": ("include_current", "exclude_current"),
+    "algorithm.loss_agg_mode": (None, "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+    "algorithm.filter_groups.metric": ("acc", "score"),
+    "trainer.optimizer": ("adamw", "paged_adamw_8bit"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names it."""
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in node.items() if isinstance(node, (dict, DictConfig)) else []:
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, (dict, DictConfig)):
+            keys.extend(_all_keys(v, full + "."))
+    return keys
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    valid = _all_keys(OmegaConf.structured(RunConfig))
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if not close:  # fall back to the keys under the same parent
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        close = [k for k in valid if k.startswith(parent) and "." not in k[len(parent):]][:8]
+    return ConfigError(f"unknown config key '{key}'; closest valid keys: {', '.join(close)}")
+
+
+def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise _unknown_key_error(str(key)) from None
+    except ValidationError as e:
+        raise ConfigError(f"bad value for config key '{e.full_key}' ({where}): {e.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config ({where}): {e}") from None
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override '{o}' is not of the form key=value (e.g. trainer.total_steps=20)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Defaults <- YAML file <- dotted overrides, then validated."""
+    cfg = OmegaConf.structured(RunConfig)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            file_cfg = OmegaConf.load(p)
+        except Exception as e:  # yaml errors
+            raise ConfigError(f"cannot parse config file {p}: {e}") from None
+        cfg = _merge(cfg, file_cfg, str(p))
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(list(overrides)), "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; valid values: {[a for a in allowed]}")
+    t, a, r = cfg.trainer, cfg.algorithm, cfg.rollout
+    checks = [
+        (t.train_batch_size >= 1, "trainer.train_batch_size must be >= 1"),
+        (t.ppo_mini_batch_size >= 1, "trainer.ppo_mini_batch_size must be >= 1"),
+        (t.train_batch_size % t.ppo_mini_batch_size == 0, "trainer.train_batch_size must be a multiple of trainer.ppo_mini_batch_size"),
+        (t.micro_batch_size >= 1, "trainer.micro_batch_size must be >= 1"),
+        (t.total_steps >= 0, "trainer.total_steps must be >= 0"),
+        (r.n >= 1, "rollout.n must be >= 1"),
+        (r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+        (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (r.temperature > 0, "rollout.temperature must be > 0"),
+        (a.dual_clip_c > 1, "algorithm.dual_clip_c must be > 1"),
+        (a.tau > 0, "algorithm.tau must be > 0"),
+        (0 <= a.fkl_clip_low <= a.fkl_clip_high, "need 0 <= algorithm.fkl_clip_low <= algorithm.fkl_clip_high"),
+        (a.window == -1 or a.window > 0, "algorithm.window must be -1 or > 0"),
+        (t.resume in ("auto", "never") or Path(t.resume).exists(), f"trainer.resume must be auto, never or an existing checkpoint path, got {t.resume!r}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def policy_loss_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The algorithm section as keyword arguments of `fipo_lite.policy_loss`."""
+    a = cfg.algorithm
+    return dict(
+        mode=a.loss_mode, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip_c=a.dual_clip_c, tau=a.tau,
+        fkl_clip_low=a.fkl_clip_low, fkl_clip_high=a.fkl_clip_high, safety_thresh=a.safety_thresh, start=a.start,
+        window=a.window, average=a.average, loss_agg_mode=a.loss_agg_mode, mask_dual_clip=a.mask_dual_clip,
+        invalidate_dual_clipped=a.invalidate_dual_clipped, kl_coef=a.kl_coef,
+    )
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

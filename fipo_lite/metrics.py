@@ -1,0 +1,88 @@
+"""Metric names shared by the loop (writer) and the plots (reader), and the metrics.jsonl file.
+
+Every training step appends one JSON object to `output_dir/metrics.jsonl`. NaN and inf are
+written as null so the file stays standard JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+# Keys written by the loop every step (spec section 10). Objective diagnostics come from
+# `policy_loss` prefixed with "actor/".
+STEP = "step"
+REWARD_MEAN = "reward/mean"
+ACCURACY = "train/accuracy"
+LENGTH_KEYS = ("min", "q25", "mean", "median", "q75", "max")
+LENGTH = {k: f"response_length/{k}" for k in LENGTH_KEYS}
+LENGTH_CLIP_RATIO = "response_length/clip_ratio"
+NUM_GEN_BATCHES = "train/num_gen_batches"
+LENGTH_WEIGHTED_ADV = "train/length_weighted_adv"
+REWARD_FAILURES = "reward/failures"
+VAL_AVG = "val/avg_at_k"
+VAL_PASS = "val/pass_at_k"
+VAL_CONS = "val/cons_at_k"
+VAL_LENGTH = "val/response_length_mean"
+ACTOR = "actor/"  # + a policy_loss metric name, e.g. actor/policy_kl, actor/influence_mean
+ENTROPY = "actor/entropy"
+GRAD_NORM = "actor/grad_norm"
+POLICY_KL = "actor/policy_kl"
+LOSS = "actor/loss"
+CLIP_FRAC = "actor/clip_frac"
+DUAL_CLIP_FRAC = "actor/dual_clip_frac"
+INVALID_SEQ_FRAC = "actor/invalid_seq_frac"
+INFLUENCE_MEAN = "actor/influence_mean"
+INFLUENCE_FRAC_UPPER = "actor/influence_frac_upper"
+INFLUENCE_FRAC_LOWER = "actor/influence_frac_lower"
+FKL_EXP_MEAN = "actor/fkl_exp_mean"
+
+
+def length_stats(lengths: Iterable[int]) -> dict[str, float]:
+    """min/q25/mean/median/q75/max of response lengths, under the response_length/ names."""
+    xs = sorted(float(x) for x in lengths)
+    if not xs:
+        return {v: math.nan for v in LENGTH.values()}
+
+    def q(p: float) -> float:  # linear interpolation, as numpy's default
+        pos = p * (len(xs) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return {
+        LENGTH["min"]: xs[0], LENGTH["q25"]: q(0.25), LENGTH["mean"]: sum(xs) / len(xs),
+        LENGTH["median"]: q(0.5), LENGTH["q75"]: q(0.75), LENGTH["max"]: xs[-1],
+    }
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item"):
+        return _clean(v.item())
+    return v
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record and flush it to disk (a killed run keeps every finished step)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON: {e}") from None
+    return rows

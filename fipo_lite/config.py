@@ -83,6 +83,7 @@ class RolloutConfig:
 class DataConfig:
     train: str = "synthetic:addition"  # synthetic:NAME, a .jsonl file or a verl-format .parquet file
     val: str = "synthetic:addition"
+    train_size: int = 4096  # synthetic training problems (files: all rows)
     val_size: int = 64  # held-out prompts (synthetic val draws from a disjoint seed)
     max_prompt_length: int = 512
     shuffle: bool = True
@@ -147,6 +148,8 @@ class TrainerConfig:
     logprob_chunk_size: int = 1024  # tokens per log-softmax chunk
     eval_every: int = 10  # 0: never; the warm start (step 0) and the last step are evaluated too
     eval_k: int = 8
+    eval_temperature: float = 1.0  # paper's evaluation protocol: temperature 1.0, top-p 0.7
+    eval_top_p: float = 0.7
     save_every: int = 10  # 0: never
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | PATH to a checkpoint dir

@@ -1,0 +1,69 @@
+"""Plain Hugging Face backend: transformers model + peft LoRA, float32 on CPU or bf16 on GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device=cuda but no CUDA device is available; use model.device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_model_path(model_cfg) -> str:
+    """"tiny" builds (or reuses) the kit's tiny CPU model; anything else is a local dir or hub name."""
+    if model_cfg.path == "tiny":
+        from fipo_lite.tiny import build_tiny
+
+        return str(build_tiny(model_cfg))
+    return model_cfg.path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # prompts are left-padded for generation
+    return tok
+
+
+def apply_lora(model, lora_cfg):
+    """Wrap `model` with a fresh LoRA adapter (peft). Seed torch before calling for reproducible init."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_model(cfg):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.model)
+    if not Path(path).exists() and "/" not in path:
+        raise ValueError(f"model.path {path!r} is neither a local directory nor a hub name (org/name)")
+    device = resolve_device(cfg.model.device)
+    tok = load_tokenizer(path, cfg.model.trust_remote_code)
+    kwargs = dict(dtype=DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enable:
+        if cfg.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, cfg.lora)
+    return model, tok

@@ -1,0 +1,84 @@
+"""Hugging Face `generate` as a rollout engine: batched, n samples per prompt, stop at EOS.
+
+The sampler and the trainer share one model object, so `sync` has nothing to do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Rollout, SamplingParams
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, generation_batch_size: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(1, int(generation_batch_size))
+        self.eos_ids = self._eos_ids()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+        if not ids:
+            raise ValueError("the tokenizer has no eos_token_id: generation could never stop")
+        return sorted(ids)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+        rows = [(i, p) for i, p in enumerate(prompt_ids) for _ in range(params.n)]
+        out = Rollout(prompt_index=[], prompt_ids=[], response_ids=[], truncated=[], sampler_logprobs=[] if params.logprobs else None)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for s in range(0, len(rows), self.batch_size):
+                self._generate_chunk(rows[s : s + self.batch_size], params, out)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_chunk(self, rows, params: SamplingParams, out: Rollout) -> None:
+        width = max(len(p) for _, p in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (_, p) in enumerate(rows):
+            ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attn[r, width - len(p) :] = 1
+        gen = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), do_sample=True,
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0,
+            max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            return_dict_in_generate=True, output_logits=params.logprobs,
+        )
+        new = gen.sequences[:, width:].cpu()
+        if params.logprobs:  # the sampler's own log-prob, under its temperature (top-p/k not renormalised)
+            steps = torch.stack(gen.logits, dim=1).float().cpu() / params.temperature
+            lp = steps.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        for r, (i, p) in enumerate(rows):
+            toks = new[r].tolist()
+            stop = next((t for t, tok in enumerate(toks) if tok in self.eos_ids), None)
+            resp = toks if stop is None else toks[: stop + 1]
+            out.prompt_index.append(i)
+            out.prompt_ids.append(list(p))
+            out.response_ids.append(resp)
+            out.truncated.append(stop is None)
+            if params.logprobs:
+                out.sampler_logprobs.append(lp[r, : len(resp)].tolist())
+
+    def sync(self, policy) -> None:
+        """Nothing to do: generation uses the training model's live weights."""
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass

@@ -1,0 +1,114 @@
+"""The trainable policy: token log-probs (and entropy) of responses, computed in chunks.
+
+The LM head runs on `chunk_size` response tokens at a time, under activation checkpointing when
+gradients are on, so the float32 logits of the whole batch ([tokens, vocab]) never exist at once:
+at 20k-token responses and a 152k vocabulary that alone would be 12 GB per sequence.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class SeqBatch:
+    """Prompts left-padded to P columns, responses right-padded to R columns: [B, P + R]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor  # [B, R], 1 on real response tokens
+    prompt_width: int
+
+    @classmethod
+    def from_lists(cls, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> "SeqBatch":
+        if len(prompts) != len(responses) or not prompts:
+            raise ValueError(f"need as many prompts as responses (>0), got {len(prompts)} and {len(responses)}")
+        P = max(len(p) for p in prompts)
+        R = max(1, max(len(r) for r in responses))
+        B = len(prompts)
+        ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, P + R), dtype=torch.long)
+        rmask = torch.zeros((B, R), dtype=torch.float32)
+        for b, (p, r) in enumerate(zip(prompts, responses)):
+            ids[b, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+            attn[b, P - len(p) : P + len(r)] = 1
+            if r:
+                ids[b, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
+            rmask[b, : len(r)] = 1.0
+        return cls(ids, attn, rmask, P)
+
+    def to(self, device) -> "SeqBatch":
+        return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_width)
+
+
+def _token_logp(lm_head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(h).float()
+    return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _token_entropy(lm_head, h: torch.Tensor) -> torch.Tensor:
+    logp = lm_head(h).float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class Policy:
+    """A causal LM (usually a peft LoRA model) seen as a policy over response tokens."""
+
+    def __init__(self, model, tokenizer, chunk_size: int = 1024):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chunk_size = max(1, int(chunk_size))
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+        self.lm_head = base.get_output_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def logprobs(self, batch: SeqBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(y_t | x, y_<t) for every response column, [B, R] (0 on padding), and entropy."""
+        batch = batch.to(self.device)
+        # Positions as generate() assigns them under left padding, so trainer and sampler agree.
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        P, R = batch.prompt_width, batch.response_mask.shape[1]
+        h = hidden[:, P - 1 : P + R - 1]  # the state that predicts each response token
+        targets = batch.input_ids[:, P : P + R]
+        sel = batch.response_mask.bool()
+        h_sel, t_sel = h[sel], targets[sel]
+        grad = torch.is_grad_enabled()
+        logp = torch.zeros(sel.shape, dtype=torch.float32, device=self.device)
+        ent = torch.zeros(sel.shape, dtype=torch.float32, device=self.device) if with_entropy else None
+        parts, ents = [], []
+        for s in range(0, h_sel.shape[0], self.chunk_size):
+            hc, tc = h_sel[s : s + self.chunk_size], t_sel[s : s + self.chunk_size]
+            if grad:
+                parts.append(checkpoint(_token_logp, self.lm_head, hc, tc, use_reentrant=False))
+            else:
+                parts.append(_token_logp(self.lm_head, hc, tc))
+            if with_entropy:
+                with torch.no_grad():
+                    ents.append(_token_entropy(self.lm_head, hc.detach()))
+        if parts:
+            logp = logp.masked_scatter(sel, torch.cat(parts))
+            if with_entropy:
+                ent = ent.masked_scatter(sel, torch.cat(ents))
+        return logp, ent
+
+    @contextmanager
+    def reference(self):
+        """The frozen reference policy: the base model with the adapter switched off."""
+        ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
+        with ctx:
+            yield self
+
+    def save_adapter(self, path) -> None:
+        self.model.save_pretrained(str(path))

@@ -1,0 +1,391 @@
+"""The in-process RL loop: sample -> reward -> advantage -> FIPO/DAPO/GRPO update -> metrics.
+
+Read `train` top to bottom; every helper above it does one thing. The same loop drives the CPU
+path (HF engine, float32 LoRA) and the GPU path (vLLM engine, bnb4/unsloth backends): only
+`backends.load_model` and `engines.build_engine` differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import checkpoint, metrics as M
+from .config import ConfigError, load_config, policy_loss_kwargs
+from .engines import SamplingParams, build_engine
+from .objective import policy_loss
+from .policy import Policy, SeqBatch
+
+
+# ----------------------------------------------------------------------------- data stream
+class PromptStream:
+    """Endless, seeded, epoch-shuffled stream of example indices; its state is two integers."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        if size < 1:
+            raise ValueError("the training data is empty")
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.pos == self.size:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._make_order()
+
+
+# ----------------------------------------------------------------------------- rollout + reward
+@dataclass
+class Group:
+    """The n samples of one prompt with their rewards."""
+
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    truncated: list[bool]
+    scores: list[float]
+    accs: list[float]
+    sampler_logprobs: list[list[float]] | None = None
+
+
+def encode_prompts(tokenizer, examples, max_prompt_length: int) -> list[list[int]]:
+    ids = []
+    for ex in examples:
+        p = tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True)
+        if hasattr(p, "keys"):  # some tokenizers return a BatchEncoding
+            p = p["input_ids"]
+        if len(p) > max_prompt_length:
+            raise ValueError(f"prompt of example {ex.index} ({ex.data_source}) has {len(p)} tokens > data.max_prompt_length={max_prompt_length}")
+        ids.append(list(p))
+    return ids
+
+
+def rollout_groups(engine, tokenizer, examples, prompt_ids, params: SamplingParams, reward_fn) -> tuple[list[Group], int]:
+    """Sample n responses per prompt and score them; returns the groups and reward failures."""
+    ro = engine.generate(prompt_ids, params)
+    texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+    ex = [examples[i] for i in ro.prompt_index]
+    rew = reward_fn(texts, [e.ground_truth for e in ex], [e.data_source for e in ex], ro.response_lengths)
+    groups = []
+    for g in range(len(prompt_ids)):
+        rows = range(g * params.n, (g + 1) * params.n)
+        groups.append(Group(
+            prompt_ids=prompt_ids[g], responses=[ro.response_ids[i] for i in rows], truncated=[ro.truncated[i] for i in rows],
+            scores=[float(rew.scores[i]) for i in rows], accs=[float(rew.accs[i]) for i in rows],
+            sampler_logprobs=[ro.sampler_logprobs[i] for i in rows] if ro.sampler_logprobs is not None else None,
+        ))
+    return groups, int(rew.failures)
+
+
+def group_advantages(scores: list[float], norm_by_std: bool) -> list[float]:
+    """(r - mean) / (std + 1e-6) within a group (spec section 8); mean-only for Dr. GRPO."""
+    r = torch.tensor(scores, dtype=torch.float64)
+    centred = r - r.mean()
+    if not norm_by_std:
+        return centred.tolist()
+    std = r.std() if len(scores) > 1 else torch.tensor(0.0, dtype=torch.float64)
+    return (centred / (std + 1e-6)).tolist()
+
+
+def has_signal(group: Group, metric: str) -> bool:
+    values = group.accs if metric == "acc" else group.scores
+    return max(values) != min(values)
+
+
+# ----------------------------------------------------------------------------- update
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+    sampler_logprobs: list[float] | None = None
+    old_logp: torch.Tensor | None = None  # [len(response)]
+
+
+def micro_batches(samples: list[Sample], size: int, token_budget: int) -> list[list[Sample]]:
+    """Split by count, or pack by a padded-token budget (long responses) when token_budget > 0."""
+    if token_budget <= 0:
+        return [samples[i : i + size] for i in range(0, len(samples), size)]
+    out, cur, width = [], [], 0
+    for s in samples:
+        w = max(width, len(s.prompt_ids) + len(s.response_ids))
+        if cur and (len(cur) + 1) * w > token_budget:
+            out.append(cur)
+            cur, w = [], len(s.prompt_ids) + len(s.response_ids)
+        cur.append(s)
+        width = w
+    if cur:
+        out.append(cur)
+    return out
+
+
+def to_tensors(mb: list[Sample], pad_id: int, device) -> tuple[SeqBatch, torch.Tensor, torch.Tensor]:
+    batch = SeqBatch.from_lists([s.prompt_ids for s in mb], [s.response_ids for s in mb], pad_id)
+    B, R = batch.response_mask.shape
+    adv = torch.tensor([s.advantage for s in mb], dtype=torch.float32).unsqueeze(1).expand(B, R).contiguous()
+    old = torch.zeros(B, R)
+    for b, s in enumerate(mb):
+        if s.old_logp is not None:
+            old[b, : len(s.response_ids)] = s.old_logp
+    return batch, adv.to(device), old.to(device)
+
+
+@torch.no_grad()
+def recompute_old_logp(policy: Policy, samples: list[Sample], cfg: DictConfig) -> float:
+    """Old log-probs from the trainer (not the sampler), before the first update; returns entropy."""
+    ents, counts = 0.0, 0
+    for mb in micro_batches(samples, cfg.trainer.micro_batch_size, cfg.trainer.max_tokens_per_micro_batch):
+        batch, _, _ = to_tensors(mb, policy.tokenizer.pad_token_id, policy.device)
+        logp, ent = policy.logprobs(batch, with_entropy=True)
+        for b, s in enumerate(mb):
+            s.old_logp = logp[b, : len(s.response_ids)].cpu()
+        ents += float((ent * batch.response_mask).sum())
+        counts += int(batch.response_mask.sum())
+    return ents / max(counts, 1)
+
+
+def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: DictConfig) -> dict[str, float]:
+    """ppo_epochs x mini-batches of ppo_mini_batch_size prompts, gradient accumulation over
+    micro-batches with ONE denominator per mini-batch (the big-batch gradient, exactly)."""
+    a, t = cfg.algorithm, cfg.trainer
+    kw = policy_loss_kwargs(cfg)
+    kw["max_response_length"] = cfg.rollout.max_new_tokens
+    params = policy.trainable_parameters()
+    pad_id = policy.tokenizer.pad_token_id
+    mini = t.ppo_mini_batch_size * n
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    n_updates = 0
+    for _ in range(t.ppo_epochs):
+        for m0 in range(0, len(samples), mini):
+            mb_samples = samples[m0 : m0 + mini]
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, kept_tok, kept_seq, mb_metrics = 0.0, 0.0, 0.0, []
+            for mb in micro_batches(mb_samples, t.micro_batch_size, t.max_tokens_per_micro_batch):
+                batch, adv, old = to_tensors(mb, pad_id, policy.device)
+                logp, _ = policy.logprobs(batch)
+                ref = None
+                if a.loss_mode == "grpo" and a.kl_coef:
+                    with torch.no_grad(), policy.reference():
+                        ref, _ = policy.logprobs(batch)
+                is_w = None
+                if a.tis_cap and all(s.sampler_logprobs is not None for s in mb):
+                    samp = torch.zeros_like(old)
+                    for b, s in enumerate(mb):
+                        samp[b, : len(s.response_ids)] = torch.tensor(s.sampler_logprobs[: len(s.response_ids)])
+                    is_w = torch.exp(old - samp).clamp(max=a.tis_cap) * batch.response_mask.to(old.device)
+                # denominator=1: sum the loss; divide the accumulated gradient by the mini-batch count below.
+                loss, met = policy_loss(old, logp, adv, batch.response_mask, ref_logp=ref, is_weights=is_w, denominator=1.0, **kw)
+                loss.backward()
+                loss_sum += loss.item()
+                kept_tok += met["kept_tokens"]
+                kept_seq += met["kept_seqs"]
+                mb_metrics.append(met)
+            agg = kw.get("loss_agg_mode") or {"grpo": "seq-mean-token-mean"}.get(a.loss_mode, "token-mean")
+            denom = kept_tok if agg == "token-mean" else kept_seq
+            if denom > 0:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(denom)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+                optimizer.step()
+                n_updates += 1
+                _acc(sums, counts, "grad_norm", float(grad_norm))
+            _acc(sums, counts, "loss", loss_sum / denom if denom > 0 else 0.0)
+            for met in mb_metrics:
+                for k, v in met.items():
+                    if k not in ("loss", "kept_tokens", "kept_seqs"):
+                        _acc(sums, counts, k, v)
+    out = {M.ACTOR + k: sums[k] / counts[k] for k in sums if counts[k]}
+    out["actor/num_updates"] = n_updates
+    return out
+
+
+def _acc(sums: dict, counts: dict, key: str, value: float) -> None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        sums.setdefault(key, 0.0)
+        counts.setdefault(key, 0)
+        return
+    sums[key] = sums.get(key, 0.0) + value
+    counts[key] = counts.get(key, 0) + 1
+
+
+# ----------------------------------------------------------------------------- evaluation
+def run_eval(engine, tokenizer, examples, prompt_ids, cfg, reward_fn) -> dict[str, float]:
+    from .evaluate import evaluate_rollouts
+
+    params = SamplingParams(n=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature, top_p=cfg.trainer.eval_top_p, max_new_tokens=cfg.rollout.max_new_tokens)
+    summary, _ = evaluate_rollouts(engine, tokenizer, examples, cfg.trainer.eval_k, params, reward_fn, prompt_ids=prompt_ids)
+    return summary
+
+
+# ----------------------------------------------------------------------------- the loop
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params, cfg):
+    t = cfg.trainer
+    if t.optimizer == "paged_adamw_8bit":
+        from .backends.bnb4 import make_optimizer as bnb_optimizer
+
+        return bnb_optimizer(params, cfg)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run (or resume) a training run; returns the last step's metrics."""
+    from .backends import load_model
+    from .data import load_examples
+    from .rewards import RewardRunner
+
+    t, a, r = cfg.trainer, cfg.algorithm, cfg.rollout
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    set_seed(cfg.seed)
+    model, tokenizer = load_model(cfg)
+    policy = Policy(model, tokenizer, t.logprob_chunk_size)
+    engine = build_engine(cfg, model, tokenizer)
+    reward_fn = RewardRunner(cfg.reward, max_response_length=r.max_new_tokens)
+    synthetic = cfg.data.train.startswith("synthetic:")
+    train_ex = load_examples(cfg.data.train, n=cfg.data.train_size if synthetic else None, seed=cfg.seed, split="train")
+    val_ex = load_examples(cfg.data.val, n=cfg.data.val_size, seed=cfg.seed, split="val") if t.eval_every > 0 else []
+    train_ids = encode_prompts(tokenizer, train_ex, cfg.data.max_prompt_length)
+    val_ids = encode_prompts(tokenizer, val_ex, cfg.data.max_prompt_length)
+    stream = PromptStream(len(train_ex), cfg.seed, cfg.data.shuffle)
+    optimizer = make_optimizer(policy.trainable_parameters(), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+
+    ckpt_root = out / "checkpoints"
+    metrics_path = out / "metrics.jsonl"
+    start = 0
+    resume_from = {"never": None, "auto": checkpoint.find_latest(ckpt_root)}.get(t.resume, Path(t.resume))
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"])
+        start = state["step"]
+        # drop metrics of steps after the checkpoint: they are about to be redone
+        kept = [row for row in M.read_jsonl(metrics_path) if row.get(M.STEP, 0) <= start] if metrics_path.exists() else []
+        metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        print(f"[fipo_lite] resumed from {resume_from} at step {start}", file=sys.stderr)
+    else:
+        metrics_path.write_text("")
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                              logprobs=bool(a.tis_cap) or r.engine == "vllm")
+    if start == 0 and t.eval_every > 0:
+        M.append_jsonl(metrics_path, {M.STEP: 0, **run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn)})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start + 1, t.total_steps + 1), initial=start, total=t.total_steps, desc="fipo_lite", disable=not t.progress, dynamic_ncols=True)
+    row: dict = {}
+    for step in bar:
+        t0 = time.perf_counter()
+        # 1. rollout with DAPO dynamic sampling: keep groups whose accuracy varies, refill.
+        kept: list[Group] = []
+        all_groups: list[Group] = []
+        failures, n_gen = 0, 0
+        while len(kept) < t.train_batch_size:
+            n_gen += 1
+            idx = stream.take(t.train_batch_size)
+            groups, fails = rollout_groups(engine, tokenizer, [train_ex[i] for i in idx], [train_ids[i] for i in idx], sampling, reward_fn)
+            failures += fails
+            all_groups += groups
+            kept += [g for g in groups if has_signal(g, a.filter_groups.metric)] if a.filter_groups.enable else groups
+            if not a.filter_groups.enable or (a.filter_groups.max_num_gen_batches and n_gen >= a.filter_groups.max_num_gen_batches):
+                break
+        kept = kept[: t.train_batch_size]
+        t_gen = time.perf_counter() - t0
+
+        # 2. advantages, old log-probs, update.
+        samples = []
+        for g in kept:
+            for j, (resp, adv) in enumerate(zip(g.responses, group_advantages(g.scores, a.norm_adv_by_std))):
+                samples.append(Sample(g.prompt_ids, resp, adv, g.sampler_logprobs[j] if g.sampler_logprobs else None))
+        row = {M.STEP: step}
+        if samples:
+            entropy = recompute_old_logp(policy, samples, cfg)
+            row.update(ppo_update(policy, optimizer, samples, r.n, cfg))
+            row[M.ENTROPY] = entropy
+            lengths = [len(s.response_ids) for s in samples]
+            row[M.LENGTH_WEIGHTED_ADV] = sum(L * s.advantage for L, s in zip(lengths, samples)) / max(sum(lengths), 1)
+            if samples[0].sampler_logprobs is not None:
+                gaps = [(s.old_logp - torch.tensor(s.sampler_logprobs[: len(s.response_ids)])).abs().mean().item() for s in samples if len(s.response_ids)]
+                row["rollout/logprob_gap"] = sum(gaps) / max(len(gaps), 1)
+        scheduler.step()
+        engine.sync(policy)
+
+        # 3. metrics over everything sampled this step.
+        every = [(len(resp), tr, sc, ac) for g in all_groups for resp, tr, sc, ac in zip(g.responses, g.truncated, g.scores, g.accs)]
+        row[M.REWARD_MEAN] = sum(e[2] for e in every) / len(every)
+        row[M.ACCURACY] = sum(e[3] for e in every) / len(every)
+        row.update(M.length_stats(e[0] for e in every))
+        row[M.LENGTH_CLIP_RATIO] = sum(e[1] for e in every) / len(every)
+        row[M.NUM_GEN_BATCHES] = n_gen
+        row["train/kept_groups"] = len(kept)
+        row[M.REWARD_FAILURES] = failures
+        row["actor/lr"] = scheduler.get_last_lr()[0]
+        row["time/gen_s"] = t_gen
+        if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.total_steps):
+            row.update(run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn))
+        row["time/step_s"] = time.perf_counter() - t0
+        M.append_jsonl(metrics_path, row)
+        bar.set_postfix(reward=f"{row[M.REWARD_MEAN]:.2f}", acc=f"{row[M.ACCURACY]:.2f}", len=f"{row[M.LENGTH['mean']]:.1f}",
+                        val=f"{row[M.VAL_AVG]:.2f}" if M.VAL_AVG in row else "-")
+
+        # 4. checkpoint (after eval, so the saved RNG state is the one the next step starts from).
+        if t.save_every > 0 and (step % t.save_every == 0 or step == t.total_steps):
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "data": stream.state_dict(), "rng": checkpoint.rng_state()}
+            checkpoint.save(ckpt_root, step, model, state, keep=t.keep_checkpoints)
+    bar.close()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fipo_lite train", description="Train a LoRA policy with FIPO / DAPO / GRPO.")
+    p.add_argument("--config", help="YAML run config (e.g. configs/tiny_cpu.yaml); defaults apply without one")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.total_steps=20 algorithm.loss_mode=dapo")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    last = train(cfg)
+    print(f"[fipo_lite] done: {cfg.output_dir} (last step {last.get(M.STEP, 0)})", file=sys.stderr)
+    return 0

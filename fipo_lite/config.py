@@ -28,6 +28,7 @@ class TinyModelConfig:
     warm_start_batch_size: int = 64
     warm_start_lr: float = 3e-3
     direct_fraction: float = 0.5  # share of warm-start answers given directly (the short, unreliable way)
+    task: str = "addition"  # synthetic task of fipo_lite.tasks used for the warm start
     seed: int = 0
 
 

@@ -1,0 +1,228 @@
+"""The built-in tiny model: a small Qwen2 and a character tokenizer, built here because no hub is needed.
+
+`build_tiny` makes a random Qwen2ForCausalLM, warm-starts it by supervised training on the
+synthetic addition task (a mix of short direct answers and long digit-by-digit ones), and saves it
+as an ordinary Hugging Face directory, so the rest of the kit loads it with `from_pretrained(path)`
+exactly like a hub model. The result is cached under `model.cache_dir/<hash of the settings>/`.
+
+    python -m fipo_lite build-tiny [--config FILE] [model.tiny.warm_start_steps=300 ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+BUILD_VERSION = 1  # bump when the tokenizer, task format or training recipe changes
+PAD, BOS, EOS, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"
+CHARS = "0123456789+-*/=()[]{}<>,.:;!?'\"\\_^| \n" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer with a Qwen-style ChatML chat template (vocab < 128)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *CHARS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+        additional_special_tokens=[BOS], padding_side="left", clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def new_model(tok, *, seed: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, intermediate_size: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tok.convert_tokens_to_ids(BOS), eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def save_random_tiny(path, *, seed: int = 0, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+                     num_kv_heads: int = 2, intermediate_size: int = 384) -> Path:
+    """A randomly initialised tiny Qwen2 + tokenizer saved with save_pretrained (for tests)."""
+    path = Path(path)
+    tok = build_tokenizer()
+    model = new_model(tok, seed=seed, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                      num_kv_heads=num_kv_heads, intermediate_size=intermediate_size)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- warm start
+def _sft_batch(tok, examples, forms, device):
+    """Right-padded prompt+response ids with labels only on the response (and its EOS)."""
+    from .tasks import format_response
+
+    seqs, labels = [], []
+    for ex, form in zip(examples, forms):
+        p = tok.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True)
+        r = tok(format_response(ex.extra["a"], ex.extra["b"], form), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(p + r)
+        labels.append([-100] * len(p) + r)
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    lab = torch.full((len(seqs), width), -100)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)], lab[i, : len(l)], att[i, : len(s)] = torch.tensor(s), torch.tensor(l), 1
+    return ids.to(device), att.to(device), lab.to(device)
+
+
+def warm_start(model, tok, tiny_cfg, log=print) -> None:
+    """Supervised training on a direct/steps mix; the direct share sets how much RL can gain."""
+    from .tasks import make_examples
+
+    pool = make_examples(tiny_cfg.task, None, seed=tiny_cfg.seed, split="train")
+    rng = random.Random(tiny_cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=tiny_cfg.warm_start_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    steps = tiny_cfg.warm_start_steps
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        batch = rng.sample(pool, tiny_cfg.warm_start_batch_size)
+        forms = ["direct" if rng.random() < tiny_cfg.direct_fraction else "steps" for _ in batch]
+        ids, att, lab = _sft_batch(tok, batch, forms, model.device)
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            log(f"[tiny] warm start step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    model.eval()
+
+
+@torch.no_grad()
+def measure_forms(model, tok, task: str = "addition", n: int = 256, seed: int = 0, temperature: float = 1.0,
+                  max_new_tokens: int = 64) -> dict[str, float]:
+    """Sample once per val problem; accuracy overall and by answer form, and the share of each form."""
+    from .engines.base import SamplingParams
+    from .engines.hf import HFEngine
+    from .tasks import classify_form, make_examples
+
+    examples = make_examples(task, n, seed=seed, split="val")
+    prompts = [tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True) for e in examples]
+    torch.manual_seed(seed)
+    ro = HFEngine(model, tok).generate(prompts, SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens))
+    texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
+    stats = {"n": float(len(texts))}
+    right_all = []
+    for form in ("direct", "steps", "other"):
+        idx = [i for i, t in enumerate(texts) if classify_form(t) == form]
+        right = [texts[i].strip().endswith(" " + examples[ro.prompt_index[i]].ground_truth) for i in idx]
+        right_all += right
+        stats[f"share/{form}"] = len(idx) / len(texts)
+        stats[f"acc/{form}"] = sum(right) / len(right) if right else float("nan")
+    stats["acc/overall"] = sum(right_all) / len(texts)
+    stats["mean_length"] = sum(ro.response_lengths) / len(texts)
+    return stats
+
+
+# ----------------------------------------------------------------------------- cached build
+def settings_hash(tiny_cfg) -> str:
+    from transformers import __version__ as tf_version
+
+    blob = json.dumps({"v": BUILD_VERSION, "tf": tf_version.split(".")[0], **asdict(tiny_cfg)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def build_tiny(model_cfg, log=None) -> Path:
+    """Build (or reuse) the warm-started tiny model; returns its directory. Atomic: temp dir + rename."""
+    from omegaconf import OmegaConf
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    tiny_cfg = model_cfg.tiny
+    if OmegaConf.is_config(tiny_cfg):
+        from .config import TinyModelConfig
+
+        tiny_cfg = TinyModelConfig(**OmegaConf.to_container(tiny_cfg))
+    root = Path(model_cfg.cache_dir)
+    out = root / f"tiny-{settings_hash(tiny_cfg)}"
+    if (out / "config.json").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    log(f"[tiny] building the tiny model in {out} (once; cached afterwards)")
+    t0 = time.time()
+    tok = build_tokenizer()
+    model = new_model(tok, seed=tiny_cfg.seed, hidden_size=tiny_cfg.hidden_size, num_layers=tiny_cfg.num_layers,
+                      num_heads=tiny_cfg.num_heads, num_kv_heads=tiny_cfg.num_kv_heads,
+                      intermediate_size=tiny_cfg.intermediate_size)
+    if tiny_cfg.warm_start_steps > 0:
+        warm_start(model, tok, tiny_cfg, log=log)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=root))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "fipo_lite_tiny.json").write_text(json.dumps({"settings": asdict(tiny_cfg), "build_version": BUILD_VERSION,
+                                                            "build_seconds": round(time.time() - t0, 1)}, indent=2))
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process won the race: keep theirs
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"[tiny] built in {time.time() - t0:.0f}s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .config import load_config
+
+    ap = argparse.ArgumentParser(prog="fipo_lite build-tiny", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=None, help="run config whose model section to use (default: built-in defaults)")
+    ap.add_argument("--no-measure", action="store_true", help="skip sampling the val problems after building")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.tiny.warm_start_steps=300")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    path = build_tiny(cfg.model)
+    print(path)
+    if not args.no_measure:
+        from transformers import AutoModelForCausalLM
+
+        from .backends.hf import load_tokenizer
+
+        tok = load_tokenizer(str(path))
+        model = AutoModelForCausalLM.from_pretrained(path)
+        stats = measure_forms(model, tok, cfg.model.tiny.task, n=cfg.data.val_size or 256, seed=cfg.seed,
+                              max_new_tokens=cfg.rollout.max_new_tokens)
+        print(json.dumps(stats, indent=1))
+    return 0

@@ -1,0 +1,109 @@
+"""The tiny model, its tokenizer and the synthetic addition task."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from fipo_lite import tasks
+from fipo_lite.config import load_config
+from fipo_lite.tiny import build_tiny, build_tokenizer
+
+
+def test_tokenizer_round_trips_and_chat_template():
+    tok = build_tokenizer()
+    text = "47+85\n7+5=12\nanswer 132 \\boxed{x}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)  # one token per character
+    assert tok.decode(ids) == text
+    assert len(tok) < 128
+    ids = tok.apply_chat_template([{"role": "user", "content": "1+2"}], add_generation_prompt=True, tokenize=True)
+    assert tok.decode(ids) == "<|im_start|>user\n1+2<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.convert_ids_to_tokens(ids[0]) == "<|im_start|>"
+    assert tok.decode(tok("€", add_special_tokens=False)["input_ids"]) == "<unk>"  # unknown chars do not crash
+
+
+def test_random_tiny_loads_through_from_pretrained(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert model.config.model_type == "qwen2"
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    out = model(torch.tensor([tok("12+3", add_special_tokens=False)["input_ids"]]))
+    assert out.logits.shape[-1] == model.config.vocab_size
+
+
+def _cfg(cache, **kw):
+    base = {"model.cache_dir": str(cache), "model.tiny.hidden_size": 32, "model.tiny.num_layers": 1,
+            "model.tiny.intermediate_size": 64, "model.tiny.warm_start_steps": 3, "model.tiny.warm_start_batch_size": 4}
+    base.update(kw)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()]).model
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_build_tiny_caches_and_is_deterministic(tmp_path):
+    quiet = lambda msg: None  # noqa: E731
+    a = build_tiny(_cfg(tmp_path / "a"), log=quiet)
+    t0 = time.time()
+    assert build_tiny(_cfg(tmp_path / "a"), log=quiet) == a  # cached
+    assert time.time() - t0 < 1.0
+    b = build_tiny(_cfg(tmp_path / "b"), log=quiet)
+    c = build_tiny(_cfg(tmp_path / "c", **{"model.tiny.seed": 1}), log=quiet)
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    assert not list(tmp_path.glob("a/.tmp-*"))  # no temp dirs left behind
+
+
+def test_warm_start_learns_the_answer_format(tiny_warm_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from fipo_lite.backends.hf import load_tokenizer
+    from fipo_lite.tiny import measure_forms
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_warm_model_dir)
+    stats = measure_forms(model, load_tokenizer(str(tiny_warm_model_dir)), n=32, max_new_tokens=32)
+    assert stats["share/direct"] + stats["share/steps"] > 0.5  # mostly well-formed answers of either form
+
+
+def test_addition_splits_are_disjoint_and_deterministic():
+    train = {(e.extra["a"], e.extra["b"]) for e in tasks.make_examples("addition", None, seed=0, split="train")}
+    val = {(e.extra["a"], e.extra["b"]) for e in tasks.make_examples("addition", None, seed=0, split="val")}
+    assert train and val and not train & val
+    assert len(train) + len(val) == 90 * 90
+    a = tasks.make_examples("addition", 10, seed=3)
+    assert [e.ground_truth for e in a] == [e.ground_truth for e in tasks.make_examples("addition", 10, seed=3)]
+    assert [e.ground_truth for e in a] != [e.ground_truth for e in tasks.make_examples("addition", 10, seed=4)]
+    assert a[0].prompt[0]["role"] == "user" and a[0].data_source == "synthetic/addition"
+
+
+@pytest.mark.parametrize("a,b", [(47, 85), (10, 10), (99, 99), (123, 989)])
+def test_both_forms_end_with_the_answer(a, b):
+    import re
+
+    for form in tasks.FORMS:
+        text = tasks.format_response(a, b, form)
+        assert int(re.findall(r"-?\d+", text)[-1]) == a + b
+        assert tasks.classify_form(text) == form
+    steps = tasks.format_response(a, b, "steps")
+    assert len(steps) > len(tasks.format_response(a, b, "direct"))
+    assert steps.split("\n")[0] == f"{a % 10}+{b % 10}={a % 10 + b % 10}"
+
+
+def test_classify_form_rejects_malformed_and_bad_names():
+    assert tasks.classify_form("7+5=12\nanswer") == "other"
+    assert tasks.classify_form("hello\nanswer 12") == "other"
+    assert tasks.classify_form("") == "other"
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        tasks.make_examples("subtraction", 3, seed=0)
+    with pytest.raises(ValueError, match="form"):
+        tasks.format_response(1, 2, "long")

@@ -1,0 +1,152 @@
+"""End-to-end tests of the RL loop on the tiny model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fipo_lite import metrics as M
+from fipo_lite.config import ConfigError, load_config
+from fipo_lite.trainer import PromptStream, group_advantages, main, micro_batches, Sample, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _overrides(model_dir: Path, out: Path, **extra) -> list[str]:
+    base = {
+        "model.path": str(model_dir), "output_dir": str(out), "trainer.total_steps": 3, "trainer.train_batch_size": 4,
+        "trainer.ppo_mini_batch_size": 2, "trainer.micro_batch_size": 8, "rollout.n": 4, "rollout.max_new_tokens": 24,
+        "trainer.eval_every": 2, "trainer.eval_k": 2, "data.val_size": 4, "trainer.save_every": 1, "trainer.progress": False,
+        "algorithm.filter_groups.max_num_gen_batches": 3, "trainer.lr": 5e-3,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _cfg(model_dir, out, **extra):
+    return load_config(ROOT / "configs" / "tiny_cpu.yaml", _overrides(model_dir, out, **extra))
+
+
+def _rows(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in M.read_jsonl(out / "metrics.jsonl")]
+
+
+def _adapter(out: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / f"step_{step:06d}" / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def fipo_run(tiny_warm_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fipo_run")
+    train(_cfg(tiny_warm_model_dir, out))
+    return out
+
+
+def test_run_trains_logs_and_checkpoints(fipo_run):
+    rows = _rows(fipo_run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert M.VAL_AVG in rows[0] and M.VAL_AVG in rows[2] and M.VAL_AVG in rows[3]
+    required = [M.REWARD_MEAN, M.ACCURACY, *M.LENGTH.values(), M.LENGTH_CLIP_RATIO, M.NUM_GEN_BATCHES, M.LENGTH_WEIGHTED_ADV,
+                M.LOSS, M.POLICY_KL, M.CLIP_FRAC, M.DUAL_CLIP_FRAC, M.INVALID_SEQ_FRAC, M.INFLUENCE_MEAN, M.FKL_EXP_MEAN,
+                M.INFLUENCE_FRAC_UPPER, M.INFLUENCE_FRAC_LOWER, M.ENTROPY, M.GRAD_NORM, "actor/ratio_pos_p50"]
+    trained = [r for r in rows[1:] if r.get("actor/num_updates", 0) > 0]
+    assert trained, "no step had a group with mixed rewards: the warm model should solve some problems"
+    for r in trained:
+        for key in required:
+            assert key in r, key
+            if r[key] is not None:
+                assert math.isfinite(r[key]), key
+    # the adapter moved away from its (zero) LoRA-B initialisation and keeps moving
+    a1, a3 = _adapter(fipo_run, 2), _adapter(fipo_run, 3)
+    lora_b = [k for k in a1 if "lora_B" in k]
+    assert lora_b and any(a1[k].abs().sum() > 0 for k in lora_b)
+    assert any(not torch.equal(a1[k], a3[k]) for k in a1)
+
+
+def test_dynamic_sampling_refills(tiny_warm_model_dir, tmp_path):
+    # Larger groups of a weak model: many groups are all-wrong, so the loop must generate more.
+    out = tmp_path / "ds"
+    train(_cfg(tiny_warm_model_dir, out, **{"trainer.total_steps": 2, "trainer.eval_every": 0, "trainer.save_every": 0}))
+    rows = _rows(out)
+    assert any(r[M.NUM_GEN_BATCHES] > 1 for r in rows), [r[M.NUM_GEN_BATCHES] for r in rows]
+    for r in rows:
+        assert r["train/kept_groups"] <= 4
+        assert r[M.NUM_GEN_BATCHES] <= 3
+
+
+def test_resume_equals_uninterrupted(tiny_warm_model_dir, fipo_run, tmp_path):
+    out = tmp_path / "resumed"
+    train(_cfg(tiny_warm_model_dir, out, **{"trainer.total_steps": 2}))  # "killed" after step 2
+    train(_cfg(tiny_warm_model_dir, out))
+    assert _rows(out) == _rows(fipo_run)
+
+
+def test_same_seed_same_metrics_other_seed_differs(tiny_warm_model_dir, fipo_run, tmp_path):
+    again = tmp_path / "again"
+    train(_cfg(tiny_warm_model_dir, again))
+    assert _rows(again) == _rows(fipo_run)
+    other = tmp_path / "other"
+    train(_cfg(tiny_warm_model_dir, other, seed=1, **{"trainer.total_steps": 1}))
+    assert _rows(other)[1] != _rows(fipo_run)[1]
+
+
+@pytest.mark.parametrize("mode", ["dapo", "grpo"])
+def test_baselines_run(tiny_warm_model_dir, tmp_path, mode):
+    out = tmp_path / mode
+    extra = {"algorithm.loss_mode": mode, "trainer.total_steps": 1, "trainer.eval_every": 0, "trainer.save_every": 0}
+    if mode == "grpo":
+        extra.update({"algorithm.kl_coef": 0.01, "algorithm.filter_groups.enable": False})
+    train(_cfg(tiny_warm_model_dir, out, **extra))
+    row = _rows(out)[-1]
+    assert "actor/influence_mean" not in row  # no Future-KL outside fipo
+    if mode == "grpo":
+        assert row[M.NUM_GEN_BATCHES] == 1 and "actor/kl_ref" in row
+
+
+def test_bad_config_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"trainer\.total_steps"):
+        load_config(None, ["trainer.total_step=3"])
+    with pytest.raises(ConfigError, match=r"trainer\.lr"):
+        load_config(None, ["trainer.lr=fast"])
+    with pytest.raises(ConfigError, match=r"algorithm\.loss_mode.*fipo"):
+        load_config(None, ["algorithm.loss_mode=ppo"])
+    with pytest.raises(ConfigError, match="multiple"):
+        load_config(None, ["trainer.train_batch_size=6", "trainer.ppo_mini_batch_size=4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  totl_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"trainer\.total_steps"):
+        load_config(bad)
+    assert main(["--config", str(bad)]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+
+
+def test_bad_data_row_names_file_and_row(tiny_model_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "ground_truth": "2"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+    cfg = _cfg(tiny_model_dir, tmp_path / "o", **{"data.train": str(data), "trainer.eval_every": 0})
+    with pytest.raises(ValueError, match=r"train\.jsonl.*(row|line) ?2|train\.jsonl.*index 1"):
+        train(cfg)
+
+
+def test_helpers():
+    assert group_advantages([1.0, 1.0, 1.0], True) == [0.0, 0.0, 0.0]
+    adv = group_advantages([1.0, 0.0], True)
+    assert adv[0] > 0 > adv[1] and abs(adv[0] + adv[1]) < 1e-9 and abs(adv[0] - 0.5 / (2 ** 0.5 / 2 + 1e-6)) < 1e-6
+    assert group_advantages([1.0, 0.0], False) == [0.5, -0.5]
+    s = PromptStream(5, seed=3)
+    first = s.take(7)
+    state = s.state_dict()
+    nxt = s.take(4)
+    s2 = PromptStream(5, seed=3)
+    s2.load_state_dict(state)
+    assert s2.take(4) == nxt and sorted(first[:5]) == list(range(5))
+    samples = [Sample([1] * 3, [2] * n, 0.0) for n in (5, 5, 10, 1)]
+    packed = micro_batches(samples, size=99, token_budget=26)
+    assert [len(mb) for mb in packed] == [2, 2]  # 8+8 fit in 26, 3 x 13 would not; 13 and 4 pad to 2 x 13
+    assert micro_batches(samples, size=3, token_budget=0) == [samples[:3], samples[3:]]

@@ -24,11 +24,13 @@ class TinyModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    warm_start_steps: int = 1500
+    warm_start_steps: int = 1200
     warm_start_batch_size: int = 64
     warm_start_lr: float = 3e-3
-    direct_fraction: float = 0.5  # share of warm-start answers given directly (the short, unreliable way)
-    task: str = "addition"  # synthetic task of fipo_lite.tasks used for the warm start
+    direct_fraction: float = 0.2  # share of direct answers while both forms are learned
+    prior_steps: int = 150  # final warm-start steps that set the form prior ...
+    prior_direct_fraction: float = 0.9  # ... towards the short direct answer, so RL has room to learn "think longer"
+    task: str = "addition3"  # synthetic task of fipo_lite.tasks used for the warm start
     seed: int = 0
 
 
@@ -82,8 +84,8 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "synthetic:addition"  # synthetic:NAME, a .jsonl file or a verl-format .parquet file
-    val: str = "synthetic:addition"
+    train: str = "synthetic:addition3"  # synthetic:NAME, a .jsonl file or a verl-format .parquet file
+    val: str = "synthetic:addition3"
     train_size: int = 4096  # synthetic training problems (files: all rows)
     val_size: int = 64  # held-out prompts (synthetic val draws from a disjoint seed)
     max_prompt_length: int = 512

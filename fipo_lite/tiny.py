@@ -101,7 +101,9 @@ def _sft_batch(tok, examples, forms, device):
 
 
 def warm_start(model, tok, tiny_cfg, log=print) -> None:
-    """Supervised training on a direct/steps mix; the direct share sets how much RL can gain."""
+    """Supervised training on a direct/steps mix: first mostly step-by-step (so that form is learned
+    well), then mostly direct for `prior_steps` (so the model prefers the short, unreliable form and
+    RL has something to discover)."""
     from .tasks import make_examples
 
     pool = make_examples(tiny_cfg.task, None, seed=tiny_cfg.seed, split="train")
@@ -115,7 +117,8 @@ def warm_start(model, tok, tiny_cfg, log=print) -> None:
     t0 = time.time()
     for step in range(steps):
         batch = rng.sample(pool, tiny_cfg.warm_start_batch_size)
-        forms = ["direct" if rng.random() < tiny_cfg.direct_fraction else "steps" for _ in batch]
+        frac = tiny_cfg.prior_direct_fraction if step >= steps - tiny_cfg.prior_steps else tiny_cfg.direct_fraction
+        forms = ["direct" if rng.random() < frac else "steps" for _ in batch]
         ids, att, lab = _sft_batch(tok, batch, forms, model.device)
         loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
         opt.zero_grad(set_to_none=True)

@@ -72,6 +72,7 @@ class Group:
     scores: list[float]
     accs: list[float]
     sampler_logprobs: list[list[float]] | None = None
+    texts: list[str] | None = None
 
 
 def encode_prompts(tokenizer, examples, max_prompt_length: int) -> list[list[int]]:
@@ -99,6 +100,7 @@ def rollout_groups(engine, tokenizer, examples, prompt_ids, params: SamplingPara
             prompt_ids=prompt_ids[g], responses=[ro.response_ids[i] for i in rows], truncated=[ro.truncated[i] for i in rows],
             scores=[float(rew.scores[i]) for i in rows], accs=[float(rew.accs[i]) for i in rows],
             sampler_logprobs=[ro.sampler_logprobs[i] for i in rows] if ro.sampler_logprobs is not None else None,
+            texts=[texts[i] for i in rows],
         ))
     return groups, int(rew.failures)
 
@@ -358,6 +360,11 @@ def train(cfg: DictConfig) -> dict:
         row[M.NUM_GEN_BATCHES] = n_gen
         row["train/kept_groups"] = len(kept)
         row[M.REWARD_FAILURES] = failures
+        if synthetic:  # which answer form the policy chose: the demo's "thinking longer"
+            from .tasks import classify_form
+
+            forms = [classify_form(x) for g in all_groups for x in g.texts]
+            row["train/steps_form_frac"] = forms.count("steps") / len(forms)
         row["actor/lr"] = scheduler.get_last_lr()[0]
         row["time/gen_s"] = t_gen
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.total_steps):

@@ -29,8 +29,9 @@ def tiny_warm_model_dir(tmp_path_factory) -> Path:
 
     cache = tmp_path_factory.mktemp("tiny_cache")
     cfg = load_config(None, [f"model.cache_dir={cache}", "model.tiny.hidden_size=64", "model.tiny.num_layers=2",
-                             "model.tiny.intermediate_size=128", "model.tiny.warm_start_steps=150",
-                             "model.tiny.warm_start_batch_size=32", "model.tiny.direct_fraction=0.5"])
+                             "model.tiny.intermediate_size=128", "model.tiny.task=addition", "model.tiny.warm_start_steps=150",
+                             "model.tiny.warm_start_batch_size=32", "model.tiny.direct_fraction=0.5",
+                             "model.tiny.prior_steps=0"])
     return build_tiny(cfg.model, log=lambda msg: None)
 
 

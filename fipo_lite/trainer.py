@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,7 +349,9 @@ def train(cfg: DictConfig) -> dict:
             if samples[0].sampler_logprobs is not None:
                 gaps = [(s.old_logp - torch.tensor(s.sampler_logprobs[: len(s.response_ids)])).abs().mean().item() for s in samples if len(s.response_ids)]
                 row["rollout/logprob_gap"] = sum(gaps) / max(len(gaps), 1)
-        scheduler.step()
+        with warnings.catch_warnings():  # a step whose groups were all filtered makes no optimizer step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()
         engine.sync(policy)
 
         # 3. metrics over everything sampled this step.

@@ -22,6 +22,7 @@ def _overrides(model_dir: Path, out: Path, **extra) -> list[str]:
         "trainer.ppo_mini_batch_size": 2, "trainer.micro_batch_size": 8, "rollout.n": 4, "rollout.max_new_tokens": 24,
         "trainer.eval_every": 2, "trainer.eval_k": 2, "data.val_size": 4, "trainer.save_every": 1, "trainer.progress": False,
         "algorithm.filter_groups.max_num_gen_batches": 3, "trainer.lr": 5e-3,
+        "data.train": "synthetic:addition", "data.val": "synthetic:addition",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -130,7 +131,7 @@ def test_bad_data_row_names_file_and_row(tiny_model_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "ground_truth": "2"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
     cfg = _cfg(tiny_model_dir, tmp_path / "o", **{"data.train": str(data), "trainer.eval_every": 0})
-    with pytest.raises(ValueError, match=r"train\.jsonl.*(row|line) ?2|train\.jsonl.*index 1"):
+    with pytest.raises(ValueError, match=r"train\.jsonl: row 1: no ground truth"):
         train(cfg)
 
 

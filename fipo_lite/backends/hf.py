@@ -22,8 +22,18 @@ def resolve_model_path(model_cfg) -> str:
     if model_cfg.path == "tiny":
         from fipo_lite.tiny import build_tiny
 
-        return str(build_tiny(model_cfg))
+        return str(Path(build_tiny(model_cfg)).resolve())  # absolute: adapters record their base path
     return model_cfg.path
+
+
+def check_model_path(path: str, what: str = "model.path") -> None:
+    """A local directory must exist; otherwise the name must look like a hub id (org/name)."""
+    import re
+
+    if Path(path).is_dir():
+        return
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith((".", "/")):
+        raise ValueError(f"{what} {path!r} is neither a local model directory nor a hub name (org/name)")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -51,8 +61,7 @@ def load_model(cfg):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg.model)
-    if not Path(path).exists() and "/" not in path:
-        raise ValueError(f"model.path {path!r} is neither a local directory nor a hub name (org/name)")
+    check_model_path(path)
     device = resolve_device(cfg.model.device)
     tok = load_tokenizer(path, cfg.model.trust_remote_code)
     kwargs = dict(dtype=DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code)

@@ -1,0 +1,101 @@
+"""Evaluation metrics (spec section 11) and the `evaluate` command."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+
+from fipo_lite import evaluate as E
+from fipo_lite import metrics as M
+from fipo_lite.data import Example
+from fipo_lite.engines.base import Rollout, SamplingParams
+
+
+def _brute_pass_at_k(n, c, k):
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 3), (6, 3, 2), (8, 1, 8), (7, 5, 4), (4, 4, 2)])
+def test_pass_at_k_matches_enumeration(n, c, k):
+    assert E.pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_is_stable_for_large_n_and_rejects_bad_args():
+    v = E.pass_at_k(1000, 3, 32)
+    assert 0 < v < 1 and math.isfinite(v)
+    assert v == pytest.approx(1 - math.comb(997, 32) / math.comb(1000, 32), rel=1e-9)
+    with pytest.raises(ValueError, match="pass_at_k"):
+        E.pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError, match="pass_at_k"):
+        E.pass_at_k(4, 1, 5)
+
+
+def test_cons_at_k_majority_and_ties():
+    assert E.cons_at_k(["3", "3", "4"], [1, 1, 0]) == 1.0
+    assert E.cons_at_k(["4", "3", "4", None, None, None], [0, 1, 0, 0, 0, 0]) == 0.0  # None never votes
+    assert E.cons_at_k(["4", "3"], [0, 1]) == 0.0  # tie: the answer seen first wins
+    assert E.cons_at_k(["3", "4"], [1, 0]) == 1.0
+    assert E.cons_at_k([None, None], [0, 0]) == 0.0
+
+
+class FakeEngine:
+    """Returns scripted responses: problem p gets responses[p] (token ids are characters)."""
+
+    def __init__(self, responses):
+        self.responses = responses
+
+    def generate(self, prompt_ids, params):
+        idx, resp = [], []
+        for p in range(len(prompt_ids)):
+            for j in range(params.n):
+                idx.append(p)
+                resp.append([ord(ch) for ch in self.responses[p][j]])
+        return Rollout(prompt_index=idx, prompt_ids=[prompt_ids[i] for i in idx], response_ids=resp, truncated=[False] * len(idx))
+
+
+class FakeTok:
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return ["".join(map(chr, r)) for r in ids]
+
+
+def test_evaluate_rollouts_summary_by_hand():
+    from fipo_lite.config import RewardConfig
+    from fipo_lite.rewards import RewardRunner
+
+    ex = [Example([{"role": "user", "content": "1+1"}], "2", "synthetic/addition", 0),
+          Example([{"role": "user", "content": "2+2"}], "4", "synthetic/addition", 1)]
+    engine = FakeEngine([["answer 2", "answer 3", "answer 3"], ["answer 4", "answer 4", "x"]])
+    summary, rows = E.evaluate_rollouts(engine, FakeTok(), ex, 3, SamplingParams(n=3), RewardRunner(RewardConfig(name="exact"), 8),
+                                        prompt_ids=[[1], [2]])
+    assert rows[0]["accs"] == [1.0, 0.0, 0.0] and rows[1]["preds"] == ["4", "4", None]
+    assert summary[M.VAL_AVG] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    assert summary[M.VAL_PASS] == 1.0
+    assert summary[M.VAL_CONS] == pytest.approx(0.5)  # "3" wins problem 0, "4" wins problem 1
+    assert summary[M.VAL_LENGTH] == pytest.approx(sum(len(r) for rs in engine.responses for r in rs) / 6)
+    with pytest.raises(ValueError, match="at least k=4"):
+        E.evaluate_rollouts(engine, FakeTok(), ex, 4, SamplingParams(n=3), None, prompt_ids=[[1], [2]])
+
+
+def test_evaluate_command_on_aime_parquet(tiny_model_dir, shared_data_dir, tmp_path, capsys):
+    rc = E.main(["--model", str(tiny_model_dir), "--data", str(shared_data_dir / "aime-2024.parquet"), "-k", "2",
+                 "--n-problems", "3", "--max-new-tokens", "8", "--out", str(tmp_path), "--device", "cpu"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "per_problem.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["lengths"]) == 2 for r in rows)
+    assert rows[0]["ground_truth"] == "204" and rows[0]["data_source"] == "aime24"
+    assert summary["val/num_problems"] == 3 and 0 <= summary[M.VAL_AVG] <= 1
+    assert 1 <= summary[M.VAL_LENGTH] <= 8
+
+
+def test_evaluate_command_errors(tmp_path, capsys):
+    assert E.main(["--model", str(tmp_path / "nope"), "--data", "synthetic:addition", "-k", "1"]) == 2
+    assert "neither a local model directory nor a hub name" in capsys.readouterr().err
+    assert E.main(["--model", "x", "--data", str(tmp_path / "missing.jsonl"), "-k", "1"]) == 2
+    assert "not found" in capsys.readouterr().err

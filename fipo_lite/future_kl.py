@@ -5,24 +5,25 @@
 The released code builds this with an O(B*L^2) chunked matmul (paper Appendix G). The sum is a
 linear recurrence, F_t = x_t + gamma * F_{t+1}, so we compute it as a reverse scan:
 
-1. inside blocks of K tokens, a rescaled reverse cumsum: sum_k gamma**(k-b) x_k, then times
-   gamma**-(t-b). K is chosen so that gamma**-(K-1) <= 2**64: nothing overflows, for any tau;
-2. across blocks, the carries obey the same recurrence with decay gamma**K; a log-step doubling
-   scan over the (few) blocks adds them. Only powers gamma**n with n >= 0 appear there.
+1. inside blocks of K = 64 tokens, one small matmul with the decay matrix gamma**(k-t), k >= t;
+2. across blocks, the carries obey the same recurrence with decay gamma**K over L/K values:
+   the same two steps again, recursively (three levels cover L = 262144).
+Only powers gamma**n with n >= 0 ever appear, so nothing overflows for any L and tau.
 
 A window W and the "exclude_current" start are differences of shifted scans:
-sum_{k=t+a}^{t+b-1} = gamma**a F_{t+a} - gamma**b F_{t+b}. Everything runs in float64, so bf16 and
-fp16 inputs accumulate far wider than the spec's float32 floor.
+sum_{k=t+a}^{t+b-1} = gamma**a F_{t+a} - gamma**b F_{t+b} (computed in float64, as that difference
+can cancel). Otherwise float64 inputs are computed in float64 and everything else (bf16, fp16,
+fp32) accumulates in float32, the spec's floor.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 STARTS = ("include_current", "exclude_current")
-_MAX_EXPONENT = 64  # largest power of 2 a block rescale may reach (float64 has room for 1023)
 
 
 def check_tensor(name: str, x: torch.Tensor, shape: torch.Size | None = None, floating: bool = True) -> None:
@@ -40,34 +41,40 @@ def check_tensor(name: str, x: torch.Tensor, shape: torch.Size | None = None, fl
             raise ValueError(f"{name} contains NaN or inf")
 
 
+_BLOCK = 32  # tokens per block: one small matmul per block, then a scan over the block carries
+
+
+@functools.lru_cache(maxsize=64)
+def _decay_tables(K: int, gamma: float, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """W^T with W[t, k] = gamma**(k - t) for k >= t (else 0), and tail[j] = gamma**(K - j).
+    Only non-negative powers: nothing overflows. Cached: a training run reuses a handful."""
+    i = torch.arange(K, device=device, dtype=torch.float64)
+    dist = i[None, :] - i[:, None]
+    W = torch.where(dist >= 0, torch.exp2(dist.clamp(min=0) * math.log2(gamma)), 0.0)
+    tail = torch.exp2((K - i) * math.log2(gamma))
+    return W.T.contiguous().to(dtype), tail.to(dtype)
+
+
 def _reverse_scan(x: torch.Tensor, gamma: float) -> torch.Tensor:
-    """F_t = x_t + gamma * F_{t+1} along the last dim (float64 in, float64 out)."""
+    """F_t = x_t + gamma * F_{t+1} along the last dim, exactly, in x's dtype.
+
+    Inside blocks of K tokens: one [B*nb, K] x [K, K] matmul with the decay matrix. Across blocks:
+    carry_i (F at the first token of block i+1) obeys carry_i = F_first(i+1) + gamma**K carry_{i+1},
+    the same recurrence on nb = L/K values, solved by recursion (depth log_K L). Only powers
+    gamma**n with n >= 0 appear.
+    """
     B, L = x.shape
     if L == 0 or gamma == 0.0:
         return x.clone()
-    log2_inv_gamma = -math.log2(gamma)
-    K = max(1, min(L, int(_MAX_EXPONENT / log2_inv_gamma) + 1))
+    K = min(_BLOCK, L)
     nb = -(-L // K)
-    pad = nb * K - L
-    xb = torch.nn.functional.pad(x, (0, pad)).view(B, nb, K)
-    j = torch.arange(K, dtype=x.dtype, device=x.device)
-    down = torch.exp2(-j * log2_inv_gamma)  # gamma**j, in (2**-64, 1]
-    up = torch.exp2(j * log2_inv_gamma)  # gamma**-j, in [1, 2**64)
-    local = (xb * down).flip(-1).cumsum(-1).flip(-1) * up  # within-block F
+    xb = (x if nb * K == L else torch.nn.functional.pad(x, (0, nb * K - L))).reshape(B, nb, K)
+    w_t, tail = _decay_tables(K, gamma, x.dtype, x.device)
+    local = xb @ w_t  # within-block F
     if nb > 1:
-        # carry[i] = F at the first token of block i+1; carries obey c_i = s_{i+1} + g c_{i+1}.
-        g = gamma**K
-        carry = torch.zeros(B, nb, dtype=x.dtype, device=x.device)
-        carry[:, :-1] = local[:, 1:, 0]
-        step = 1
-        while step < nb - 1:  # doubling scan: carry_i += g**step * carry_{i+step}
-            gs = g**step
-            if gs == 0.0:
-                break
-            carry[:, :-step] = carry[:, :-step] + gs * carry[:, step:]
-            step *= 2
-        tail = torch.exp2(-(K - j) * log2_inv_gamma)  # gamma**(K - j): distance to the next block
-        local = local + carry.unsqueeze(-1) * tail
+        # the carries are the same recurrence one level up, with decay gamma**K: recurse
+        carry = _reverse_scan(torch.nn.functional.pad(local[:, 1:, 0], (0, 1)), gamma**K)
+        local = torch.addcmul(local, carry.unsqueeze(-1), tail)  # tail: gamma**(K - j), distance to the next block
     return local.reshape(B, nb * K)[:, :L]
 
 
@@ -107,6 +114,12 @@ def future_kl(
     """
     check_tensor("delta", delta)
     check_tensor("mask", mask, shape=delta.shape, floating=False)
+    check_options(tau=tau, dual_clip_c=dual_clip_c, start=start, window=window)
+    return _future_kl(delta, mask, tau=tau, dual_clip_c=dual_clip_c, start=start, window=window, average=average,
+                      mask_dual_clip=mask_dual_clip)
+
+
+def check_options(*, tau, dual_clip_c, start, window) -> None:
     if not (isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)):
         raise ValueError(f"tau must be a positive finite number, got {tau!r}")
     if not dual_clip_c > 1.0:
@@ -116,20 +129,29 @@ def future_kl(
     if not (isinstance(window, int) and (window == -1 or window > 0)):
         raise ValueError(f"window must be -1 (no window) or a positive int, got {window!r}")
 
-    out_dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    d = delta.detach().to(torch.float64).clamp(-20.0, 20.0)
+
+def _future_kl(delta, mask, *, tau, dual_clip_c, start, window, average, mask_dual_clip, clamped=False) -> torch.Tensor:
+    """future_kl without input validation (for callers that validated already; `clamped`: delta is
+    already within [-20, 20])."""
+
+    out_dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32  # half inputs accumulate in float32
+    # a window subtracts two long sums (gamma**a F_{t+a} - gamma**b F_{t+b}): do that in float64
+    dtype = torch.float64 if window > 0 else out_dtype
+    d = delta.detach().to(dtype)
+    if not clamped:
+        d = d.clamp(-20.0, 20.0)
     M = mask.detach().to(torch.bool)
     if mask_dual_clip:
         M = M & (d <= math.log(dual_clip_c))
-    Mf = M.to(torch.float64)
     gamma = 2.0 ** (-1.0 / tau)
     first = 0 if start == "include_current" else 1
 
-    F = _window_sum(_reverse_scan(d * Mf, gamma), gamma, first, window)
+    F = _window_sum(_reverse_scan(torch.where(M, d, 0.0), gamma), gamma, first, window)
     if average:
+        Mf = M.to(dtype)
         Z = _window_sum(_reverse_scan(Mf, gamma), gamma, first, window)
         # Count participants exactly (integers) so an empty K(t) gives 0, not rounding noise / noise.
-        n = _window_sum(Mf.flip(-1).cumsum(-1).flip(-1), 1.0, first, window)
+        n = _window_sum(_reverse_scan(Mf, 1.0), 1.0, first, window)  # integer counts: exact in float32 up to 2**24
         F = torch.where(n > 0.5, F / torch.where(n > 0.5, Z, torch.ones_like(Z)), torch.zeros_like(F))
     return F.to(out_dtype)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .future_kl import STARTS, check_tensor, future_kl
+from .future_kl import STARTS, _future_kl, check_options, check_tensor
 
 MODES = ("fipo", "dapo", "grpo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -157,10 +157,7 @@ def policy_loss(
     agg = loss_agg_mode if loss_agg_mode is not None else DEFAULT_AGG[mode]
     if agg not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {agg!r}")
-    if start not in STARTS:
-        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
-    if not dual_clip_c > 1.0:
-        raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c!r}")
+    check_options(tau=tau, dual_clip_c=dual_clip_c, start=start, window=window)
     if not (0 <= fkl_clip_low <= fkl_clip_high):
         raise ValueError(f"need 0 <= fkl_clip_low <= fkl_clip_high, got fkl_clip_low={fkl_clip_low}, fkl_clip_high={fkl_clip_high}")
     check_tensor("logp", logp)
@@ -183,12 +180,19 @@ def policy_loss(
     ratio = torch.exp(delta)
     ratio_d = ratio.detach()
 
+    neg = adv < 0
     if mode == "fipo":
-        fkl = future_kl(delta.detach(), m, tau=tau, dual_clip_c=dual_clip_c, start=start, window=window, average=average, mask_dual_clip=mask_dual_clip).to(dtype)
-        raw = torch.exp(fkl.clamp(max=_FKL_EXP_CAP))
-        f = raw.clamp(fkl_clip_low, fkl_clip_high)
-        unsafe = (adv < 0) & (ratio_d > safety_thresh)
-        f = torch.where(unsafe, f.clamp(0.8, 1.0), f)
+        with torch.no_grad():
+            # One reduction tells whether any ratio exceeds c or the safety threshold; usually none
+            # does, and the filter and safety passes below (which would change nothing) are skipped.
+            r_max = ratio_d.max().item() if ratio_d.numel() else 0.0
+            fkl = _future_kl(delta, m, tau=tau, dual_clip_c=dual_clip_c, start=start, window=window, average=average,
+                             mask_dual_clip=mask_dual_clip and r_max >= dual_clip_c * (1 - 1e-6), clamped=True).to(dtype)
+            raw = torch.exp(fkl.clamp(max=_FKL_EXP_CAP)) if compute_metrics else None
+            # clip(exp(F), lo, hi) == exp(clip(F, log lo, log hi)): one clamp and one exp, in place
+            f = fkl.clamp_(math.log(fkl_clip_low) if fkl_clip_low > 0 else -math.inf, math.log(fkl_clip_high)).exp_()
+            if r_max > safety_thresh:
+                f = torch.where(neg & (ratio_d > safety_thresh), f.clamp(0.8, 1.0), f)
         a_tilde = adv * f
     else:
         a_tilde = adv
@@ -197,13 +201,14 @@ def policy_loss(
     l2 = -a_tilde * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     c1 = torch.maximum(l1, l2)
     l3 = -a_tilde * dual_clip_c
-    loss_mat = torch.where(a_tilde < 0, torch.minimum(l3, c1), c1)
+    loss_mat = torch.where(neg, torch.minimum(l3, c1), c1)  # f > 0, so sign(A~) == sign(A)
 
-    dual_clipped = (adv < 0) & (c1 > l3) & m
+    dual_clipped = neg & (c1 > l3) & m
     keep = m
     if mode == "fipo" and invalidate_dual_clipped:
         invalid_seq = dual_clipped.sum(-1) > 1
-        keep = m & ~invalid_seq.unsqueeze(-1)
+        if bool(invalid_seq.any()):
+            keep = m & ~invalid_seq.unsqueeze(-1)
     else:
         invalid_seq = torch.zeros(shape[0], dtype=torch.bool, device=m.device)
     if ref_logp is not None and kl_coef:

@@ -1,0 +1,213 @@
+"""Length-dynamics plots from one or more runs' metrics.jsonl (paper Figs. 3, 4, 5, 9-11).
+
+    python -m fipo_lite plot runs/fipo runs/dapo -o length_dynamics.png [--smooth 5] [--n-stages 3]
+
+One figure, shared step axis, one colour per run. A run that did not log a metric gets a note on
+that panel instead of a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import metrics as M  # noqa: E402
+
+
+@dataclass
+class Run:
+    name: str
+    rows: list[dict]
+    config: dict = field(default_factory=dict)
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of the rows that logged `key` with a finite number."""
+        pts = [(r[M.STEP], r[key]) for r in self.rows if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+        if not pts:
+            return np.array([]), np.array([])
+        s, v = zip(*pts)
+        return np.asarray(s, dtype=float), np.asarray(v, dtype=float)
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    """A run directory (or a metrics.jsonl file); a clear error when it is missing or empty."""
+    p = Path(path)
+    f = p / "metrics.jsonl" if p.is_dir() else p
+    if not p.exists():
+        raise ValueError(f"run directory not found: {p}")
+    if not f.is_file():
+        raise ValueError(f"{p} has no metrics.jsonl (is it a fipo_lite run directory?)")
+    rows = [r for r in M.read_jsonl(f) if M.STEP in r]
+    if not rows:
+        raise ValueError(f"{f} is empty: the run has not logged a step yet")
+    config = {}
+    cfg_file = f.parent / "config.yaml"
+    if cfg_file.is_file():
+        import yaml
+
+        config = yaml.safe_load(cfg_file.read_text()) or {}
+    if name is None:
+        mode = config.get("algorithm", {}).get("loss_mode")
+        name = f"{f.parent.name} ({mode})" if mode and mode not in f.parent.name else f.parent.name
+    return Run(name, rows, config)
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (window 1: unchanged); the first points average what exists."""
+    if window <= 1 or len(values) < 2:
+        return values
+    c = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+# (title, unit label, [(metric key, line label or None)])
+LENGTH_PANELS = [(f"Response length: {k}", "tokens", [(M.LENGTH[k], None)]) for k in ("min", "q25", "mean", "median", "q75")]
+TRAIN_PANELS = [
+    ("Mean reward", "reward", [(M.REWARD_MEAN, None)]),
+    ("Dynamic-sampling batches", "generation batches / step", [(M.NUM_GEN_BATCHES, None)]),
+    ("Length-weighted mean advantage", "Σ L·A / Σ L", [(M.LENGTH_WEIGHTED_ADV, None)]),
+    ("Policy KL (old ‖ new)", "nats / token", [(M.POLICY_KL, None)]),
+    ("Gradient norm", "‖g‖ before clipping", [(M.GRAD_NORM, None)]),
+    ("Entropy", "nats / token", [(M.ENTROPY, None)]),
+    ("Influence weight mean", "f (clipped)", [(M.INFLUENCE_MEAN, None)]),
+    ("Influence clip fractions", "fraction of tokens", [(M.INFLUENCE_FRAC_UPPER, "at upper bound"), (M.INFLUENCE_FRAC_LOWER, "at lower bound")]),
+    ("Dual-clip fraction", "fraction of tokens", [(M.DUAL_CLIP_FRAC, None)]),
+]
+ACC_PANEL = "Accuracy vs mean response length"
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def _accuracy_points(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(steps, mean length, accuracy, label): evaluation rows when there are any, else training rows."""
+    for acc_key, len_key, label in ((M.VAL_AVG, M.VAL_LENGTH, "val avg@k"), (M.ACCURACY, M.LENGTH["mean"], "train accuracy")):
+        rows = [r for r in run.rows if isinstance(r.get(acc_key), (int, float)) and isinstance(r.get(len_key), (int, float))]
+        if len(rows) >= 2:
+            return (np.array([r[M.STEP] for r in rows], float), np.array([r[len_key] for r in rows], float),
+                    np.array([r[acc_key] for r in rows], float), label)
+    return np.array([]), np.array([]), np.array([]), ""
+
+
+def stage_fits(steps, x, y, boundaries) -> list[dict]:
+    """Least-squares line of y on x inside each stage [b_i, b_{i+1}); slope, intercept and R²."""
+    fits = []
+    for i, (lo, hi) in enumerate(zip(boundaries[:-1], boundaries[1:])):
+        last = i == len(boundaries) - 2
+        sel = (steps >= lo) & ((steps <= hi) if last else (steps < hi))
+        if sel.sum() < 2 or np.ptp(x[sel]) == 0:
+            continue
+        slope, intercept = np.polyfit(x[sel], y[sel], 1)
+        pred = slope * x[sel] + intercept
+        ss_res, ss_tot = float(((y[sel] - pred) ** 2).sum()), float(((y[sel] - y[sel].mean()) ** 2).sum())
+        fits.append({"stage": i + 1, "lo": lo, "hi": hi, "slope": float(slope), "intercept": float(intercept),
+                     "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0, "x": x[sel]})
+    return fits
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8, color="0.4", wrap=True)
+
+
+def make_figure(runs: list[Run], *, smooth_window: int = 1, stages: list[float] | None = None, n_stages: int = 3,
+                title: str | None = None):
+    """The whole dashboard as a matplotlib Figure (5 x 3 panels)."""
+    if not runs:
+        raise ValueError("no runs to plot")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(5, 3, figsize=(16, 20), constrained_layout=True)
+    flat = axes.ravel()
+    panels = LENGTH_PANELS[:3] + LENGTH_PANELS[3:] + [None] + TRAIN_PANELS  # slot 5 is the accuracy panel
+    last_step = max(r[M.STEP] for run in runs for r in run.rows)
+    for ax, panel in zip(flat, panels):
+        if panel is None:
+            _accuracy_panel(ax, runs, colors, stages, n_stages)
+            continue
+        name, unit, keys = panel
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(unit)
+        ax.set_xlim(0, max(last_step, 1))
+        missing = []
+        for i, run in enumerate(runs):
+            for j, (key, sub) in enumerate(keys):
+                s, v = run.series(key)
+                if not len(s):
+                    missing.append(f"{run.name}: {key}")
+                    continue
+                label = run.name if sub is None else f"{run.name}, {sub}"
+                ax.plot(s, smooth(v, smooth_window), color=colors[i % len(colors)], ls=LINESTYLES[j % 4], lw=1.6, label=label)
+        if missing:
+            hint = " (dapo/grpo runs have no influence weights)" if "influence" in keys[0][0] else ""
+            _note(ax, "no data: " + "; ".join(missing[:3]) + (" ..." if len(missing) > 3 else "") + " not logged" + hint)
+        if len(keys) > 1 and ax.lines:
+            ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[i % len(colors)], lw=2, label=run.name) for i, run in enumerate(runs)]
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 4), fontsize=11, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=13)
+    return fig
+
+
+def _accuracy_panel(ax, runs, colors, stages, n_stages) -> None:
+    ax.set_title(ACC_PANEL, fontsize=11)
+    ax.set_xlabel("mean response length (tokens)")
+    ax.set_ylabel("accuracy")
+    any_points = False
+    for i, run in enumerate(runs):
+        steps, x, y, label = _accuracy_points(run)
+        if not len(steps):
+            continue
+        any_points = True
+        c = colors[i % len(colors)]
+        ax.scatter(x, y, s=14, color=c, label=f"{run.name} ({label})")
+        bounds = list(stages) if stages else list(np.linspace(steps.min(), steps.max(), n_stages + 1))
+        for fit in stage_fits(steps, x, y, bounds):
+            xs = np.linspace(fit["x"].min(), fit["x"].max(), 2)
+            ax.plot(xs, fit["slope"] * xs + fit["intercept"], color=c, lw=1.2, ls=LINESTYLES[(fit["stage"] - 1) % 4],
+                    label=f"stage {fit['stage']} (steps {fit['lo']:.0f}-{fit['hi']:.0f}): slope {fit['slope']:.3g}/token, R² {fit['r2']:.2f}")
+    if not any_points:
+        _note(ax, f"no data: need >= 2 rows with {M.VAL_AVG} or {M.ACCURACY}")
+    else:
+        ax.legend(fontsize=6.5, loc="best")
+    ax.grid(alpha=0.3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fipo_lite plot", description="Plot length dynamics of one or more runs.")
+    ap.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    ap.add_argument("-o", "--out", default="length_dynamics.png", help="output file (.png or .pdf)")
+    ap.add_argument("--labels", default=None, help="comma-separated legend labels, one per run")
+    ap.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (1: none)")
+    ap.add_argument("--stages", default=None, help="stage boundaries in steps for the accuracy-length fits, e.g. 0,20,40")
+    ap.add_argument("--n-stages", type=int, default=3, help="split the run evenly into N stages (without --stages)")
+    ap.add_argument("--title", default=None)
+    args = ap.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [None] * len(args.runs)
+    try:
+        if len(labels) != len(args.runs):
+            raise ValueError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+        runs = [load_run(r, name) for r, name in zip(args.runs, labels)]
+        stages = [float(s) for s in args.stages.split(",")] if args.stages else None
+        if stages is not None and (len(stages) < 2 or stages != sorted(stages)):
+            raise ValueError("--stages needs at least two increasing step boundaries, e.g. 0,20,40")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fig = make_figure(runs, smooth_window=args.smooth, stages=stages, n_stages=args.n_stages, title=args.title)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(json.dumps({"wrote": str(out), "runs": [r.name for r in runs]}))
+    return 0

@@ -1,0 +1,232 @@
+"""Ablation grids: variants x seeds of `fipo_lite train`, then a markdown table and overlay plots.
+
+    python -m fipo_lite ablate configs/ablations/fipo_vs_dapo_vs_grpo.yaml [--seeds 0,1] [--dry-run] [--jobs 1]
+
+An ablation file:
+
+    name: tau                          # optional; defaults to the file name
+    base: configs/tiny_cpu.yaml        # the run config every variant starts from
+    common: [trainer.total_steps=30]   # overrides shared by all variants
+    seeds: [0, 1]
+    variants:                          # name -> its own overrides
+      tau8: [algorithm.tau=8]
+      tau32: [algorithm.tau=32]
+    runs_dir: runs/ablations/tau       # optional (default runs/ablations/NAME)
+    out_dir: results/ablations/tau     # optional (default results/ablations/NAME)
+
+Each run is a subprocess writing RUNS_DIR/VARIANT/seed_S; a run whose metrics.jsonl already
+reaches its last step is skipped, so an interrupted ablation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import metrics as M
+from .config import ConfigError, load_config
+
+KEYS = {"name", "description", "base", "common", "seeds", "variants", "runs_dir", "out_dir"}
+TRAIN_CMD_ENV = "FIPO_LITE_ABLATE_TRAIN_CMD"  # tests substitute a fake trainer here
+
+
+@dataclass
+class Ablation:
+    name: str
+    base: str
+    common: list[str]
+    seeds: list[int]
+    variants: dict[str, list[str]]
+    runs_dir: Path
+    out_dir: Path
+    description: str = ""
+    source: str = ""  # the ablation file, for the "reproduce" line
+
+
+def load_ablation(path: str | Path) -> Ablation:
+    """Read and validate an ablation file (unknown keys and bad shapes are errors that say what is valid)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"ablation file not found: {p}")
+    spec = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{p}: expected a mapping with keys {sorted(KEYS)}")
+    unknown = sorted(set(spec) - KEYS)
+    if unknown:
+        raise ValueError(f"{p}: unknown keys {unknown}; valid keys: {sorted(KEYS)}")
+    for key in ("base", "variants"):
+        if key not in spec:
+            raise ValueError(f"{p}: missing required key '{key}'")
+    variants = spec["variants"]
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError(f"{p}: 'variants' must map variant names to lists of dotted overrides")
+    for name, ov in variants.items():
+        if not isinstance(ov, list) or not all(isinstance(o, str) and "=" in o for o in ov):
+            raise ValueError(f"{p}: variant '{name}' must be a list of 'key=value' overrides, got {ov!r}")
+    common = spec.get("common", []) or []
+    if not isinstance(common, list) or not all(isinstance(o, str) and "=" in o for o in common):
+        raise ValueError(f"{p}: 'common' must be a list of 'key=value' overrides")
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"{p}: 'seeds' must be a non-empty list of integers")
+    name = str(spec.get("name") or p.stem)
+    return Ablation(name=name, base=str(spec["base"]), common=list(common), seeds=list(seeds),
+                    variants={str(k): list(v) for k, v in variants.items()},
+                    runs_dir=Path(spec.get("runs_dir") or f"runs/ablations/{name}"),
+                    out_dir=Path(spec.get("out_dir") or f"results/ablations/{name}"),
+                    description=str(spec.get("description", "")), source=str(p))
+
+
+def run_dir(ab: Ablation, variant: str, seed: int) -> Path:
+    return ab.runs_dir / variant / f"seed_{seed}"
+
+
+def overrides(ab: Ablation, variant: str, seed: int) -> list[str]:
+    return [*ab.common, *ab.variants[variant], f"seed={seed}", f"output_dir={run_dir(ab, variant, seed)}", "trainer.progress=false"]
+
+
+def train_command(ab: Ablation, variant: str, seed: int) -> list[str]:
+    prefix = json.loads(os.environ[TRAIN_CMD_ENV]) if TRAIN_CMD_ENV in os.environ else [sys.executable, "-m", "fipo_lite", "train"]
+    return [*prefix, "--config", ab.base, *overrides(ab, variant, seed)]
+
+
+def is_complete(out: Path, total_steps: int) -> bool:
+    f = out / "metrics.jsonl"
+    if not f.is_file():
+        return False
+    rows = M.read_jsonl(f)
+    return bool(rows) and rows[-1].get(M.STEP) == total_steps
+
+
+def _run_one(ab: Ablation, variant: str, seed: int, total_steps: int) -> dict:
+    out = run_dir(ab, variant, seed)
+    info_file = out / "ablation_run.json"
+    if is_complete(out, total_steps) and info_file.is_file():
+        return {**json.loads(info_file.read_text()), "skipped": True}
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = train_command(ab, variant, seed)
+    print(f"[ablate] {ab.name}/{variant}/seed_{seed}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    with open(out / "train.log", "a") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    info = {"variant": variant, "seed": seed, "wall_s": time.time() - t0, "returncode": proc.returncode, "command": shlex.join(cmd)}
+    if proc.returncode != 0:
+        raise RuntimeError(f"{ab.name}/{variant}/seed_{seed} failed (exit {proc.returncode}); see {out / 'train.log'}")
+    info_file.write_text(json.dumps(info, indent=1))
+    return {**info, "skipped": False}
+
+
+def run_summary(out: Path, wall_s: float) -> dict:
+    """Peak and final val accuracy, first step at >= 90% val accuracy, final mean length, wall time."""
+    rows = M.read_jsonl(out / "metrics.jsonl")
+    val = [(r[M.STEP], r[M.VAL_AVG]) for r in rows if isinstance(r.get(M.VAL_AVG), (int, float))]
+    lengths = [r[M.LENGTH["mean"]] for r in rows if isinstance(r.get(M.LENGTH["mean"]), (int, float))]
+    reach = [s for s, v in val if v >= 0.9]
+    return {
+        "peak_val_acc": max(v for _, v in val) if val else float("nan"),
+        "final_val_acc": val[-1][1] if val else float("nan"),
+        "initial_val_acc": val[0][1] if val else float("nan"),
+        "step_to_90": float(reach[0]) if reach else float("nan"),
+        "final_mean_length": lengths[-1] if lengths else float("nan"),
+        "wall_s": wall_s,
+    }
+
+
+COLUMNS = [("peak_val_acc", "peak val avg@k", "{:.3f}"), ("final_val_acc", "final val avg@k", "{:.3f}"),
+           ("step_to_90", "first step with val >= 0.9", "{:.1f}"), ("final_mean_length", "final mean length (tokens)", "{:.1f}"),
+           ("wall_s", "wall time (s)", "{:.0f}")]
+
+
+def _mean_spread(values: list[float], fmt: str) -> str:
+    finite = [v for v in values if v == v]
+    if not finite:
+        return "never" if values else "-"
+    text = fmt.format(statistics.mean(finite))
+    if len(finite) > 1:
+        text += " ± " + fmt.format(statistics.stdev(finite))
+    if len(finite) < len(values):
+        text += f" ({len(values) - len(finite)} never)"
+    return text
+
+
+def table(ab: Ablation, summaries: dict[str, list[dict]]) -> str:
+    lines = [f"| variant | overrides | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
+    for variant, rows in summaries.items():
+        cells = [_mean_spread([r[key] for r in rows], fmt) for key, _, fmt in COLUMNS]
+        lines.append(f"| {variant} | `{' '.join(ab.variants[variant])}` | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_ablation(ab: Ablation, *, jobs: int = 1, dry_run: bool = False) -> dict:
+    # validate every variant's config before spending any compute
+    totals = {}
+    for variant in ab.variants:
+        try:
+            cfg = load_config(ab.base, overrides(ab, variant, ab.seeds[0]))
+        except ConfigError as e:
+            raise ValueError(f"variant '{variant}': {e}") from None
+        totals[variant] = cfg.trainer.total_steps
+    tasks = [(v, s) for v in ab.variants for s in ab.seeds]
+    if dry_run:
+        for v, s in tasks:
+            print(shlex.join(train_command(ab, v, s)))
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        infos = list(pool.map(lambda vs: _run_one(ab, vs[0], vs[1], totals[vs[0]]), tasks))
+    summaries: dict[str, list[dict]] = {v: [] for v in ab.variants}
+    for (v, s), info in zip(tasks, infos):
+        summaries[v].append({"seed": s, **run_summary(run_dir(ab, v, s), info["wall_s"])})
+    ab.out_dir.mkdir(parents=True, exist_ok=True)
+    md = [f"# Ablation: {ab.name}", "", ab.description, "",
+          f"Base config `{ab.base}`; common overrides `{' '.join(ab.common)}`; seeds {ab.seeds}. "
+          "Mean ± standard deviation over seeds; val avg@k is the held-out accuracy.", "",
+          table(ab, summaries), "", "Reproduce (finished runs are skipped):", "",
+          "    " + shlex.join(["python", "-m", "fipo_lite", "ablate", ab.source, "--seeds", ",".join(map(str, ab.seeds))]), ""]
+    (ab.out_dir / "table.md").write_text("\n".join(md))
+    (ab.out_dir / "summary.json").write_text(json.dumps(summaries, indent=1))
+    _plots(ab)
+    return summaries
+
+
+def _plots(ab: Ablation) -> None:
+    import matplotlib.pyplot as plt
+
+    from .plots import load_run, make_figure
+
+    for seed in ab.seeds[:1] if len(ab.seeds) else []:
+        runs = [load_run(run_dir(ab, v, seed), name=v) for v in ab.variants]
+        fig = make_figure(runs, title=f"{ab.name} (seed {seed})")
+        fig.savefig(ab.out_dir / f"{ab.name}_seed{seed}.png", dpi=90)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fipo_lite ablate", description="Run an ablation grid and tabulate it.")
+    ap.add_argument("file", help="ablation YAML, e.g. configs/ablations/tau.yaml")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (overrides the file)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1: runs share the CPU otherwise)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    args = ap.parse_args(argv)
+    try:
+        ab = load_ablation(args.file)
+        if args.seeds:
+            ab.seeds = [int(s) for s in args.seeds.split(",")]
+        summaries = run_ablation(ab, jobs=args.jobs, dry_run=args.dry_run)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summaries:
+        print((ab.out_dir / "table.md").read_text())
+    return 0

@@ -1,0 +1,200 @@
+"""fipo_lite's objective as a verl policy loss, under the upstream recipe's name `future_kl`.
+
+verl imports this module in every process (driver and Ray workers) through the `verl.plugins`
+entry point that fipo_lite installs, so `actor_rollout_ref.actor.policy_loss.loss_mode=future_kl`
+works with stock verl (tested against verl 0.9.1's `core_algos` API) and runs the upstream
+multi-node recipe on our exact O(B*L) Future-KL instead of the O(B*L^2) chunked one.
+
+FIPO knobs are read, first found wins, from: the actor's `policy_loss` config (the upstream FIPO
+fork adds `decay_rate`, `future_kl_*` and `safety_thresh` there); the JSON in the environment
+variable FIPO_LITE_VERL_KNOBS (stock verl: pass it to the workers through Ray's runtime_env);
+the published 32B defaults. Clip ranges come from the actor config as for verl's "vanilla" loss.
+
+    python -m fipo_lite.integrations.verl --config configs/qwen2.5-32b.yaml   # launcher overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import torch
+
+from ..objective import LOSS_AGG_MODES, from_recipe, policy_loss
+
+NAME = "future_kl"
+ENV = "FIPO_LITE_VERL_KNOBS"
+# The upstream recipe's knobs and the published Qwen2.5-32B values (spec section 12).
+DEFAULT_KNOBS: dict[str, Any] = {
+    "decay_rate": 32.0, "chunk_size": None, "future_kl_start": "include_current", "future_kl_window": -1,
+    "future_kl_average": False, "future_kl_clip_ratio": 0.2, "future_kl_clip_high_only": True, "safety_thresh": 10.0,
+}
+
+
+def _get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    if hasattr(cfg, "get"):
+        try:
+            value = cfg.get(key, default)
+            return default if value is None else value
+        except Exception:  # noqa: BLE001 - dataclass configs without that key
+            pass
+    return getattr(cfg, key, default)
+
+
+def resolve_knobs(config) -> dict[str, Any]:
+    """The FIPO knobs for this call: actor policy_loss config > $FIPO_LITE_VERL_KNOBS > defaults."""
+    knobs = dict(DEFAULT_KNOBS)
+    env = os.environ.get(ENV)
+    if env:
+        try:
+            extra = json.loads(env)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"${ENV} is not valid JSON: {e.msg}") from None
+        unknown = sorted(set(extra) - set(DEFAULT_KNOBS))
+        if unknown:
+            raise ValueError(f"${ENV} has unknown keys {unknown}; valid: {sorted(DEFAULT_KNOBS)}")
+        knobs.update(extra)
+    pl = _get(config, "policy_loss")
+    for key in DEFAULT_KNOBS:
+        value = _get(pl, key)
+        if value is not None:
+            knobs[key] = value
+    return knobs
+
+
+def policy_loss_kwargs(config, loss_agg_mode: str) -> dict[str, Any]:
+    """verl actor config + knobs -> fipo_lite.policy_loss keyword arguments."""
+    kwargs = from_recipe(**resolve_knobs(config))
+    clip = _get(config, "clip_ratio", 0.2)
+    kwargs["clip_low"] = float(_get(config, "clip_ratio_low", clip))
+    kwargs["clip_high"] = float(_get(config, "clip_ratio_high", clip))
+    kwargs["dual_clip_c"] = float(_get(config, "clip_ratio_c", 3.0))
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"future_kl supports loss_agg_mode in {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+    kwargs["loss_agg_mode"] = loss_agg_mode
+    return kwargs
+
+
+def _denominator(config, loss_agg_mode: str) -> tuple[Optional[float], Optional[int]]:
+    """verl's global batch info -> (per-rank denominator, loss scale factor).
+
+    verl divides by the global count and multiplies by dp_size so that gradient averaging over
+    ranks gives the global token-mean; `denominator = global_count / dp_size` is the same thing.
+    (Upstream counts the global batch's response tokens before invalidated sequences are dropped;
+    we follow verl's count here, as the kept count would need a cross-rank reduction.)
+    """
+    info = _get(config, "global_batch_info", None) or {}
+    dp = float(info.get("dp_size", 1) or 1)
+    count = info.get("batch_num_tokens") if loss_agg_mode == "token-mean" else info.get("global_batch_size")
+    den = None if count is None else float(count) / dp
+    scale = info.get("loss_scale_factor")
+    return den, (int(scale) if scale else None)
+
+
+def verl_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                     response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
+                     rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's PolicyLossFn signature -> (pg_loss, {"actor/...": float})."""
+    kwargs = policy_loss_kwargs(config, loss_agg_mode)
+    den, scale = _denominator(config, loss_agg_mode)
+    loss, m = policy_loss(old_log_prob, log_prob, advantages, response_mask, denominator=den,
+                          max_response_length=scale, is_weights=rollout_is_weights, **kwargs)
+    metrics = {"actor/pg_clipfrac": m["clip_frac"], "actor/ppo_kl": m["policy_kl"], "actor/pg_clipfrac_lower": m["dual_clip_frac"]}
+    metrics.update({f"actor/fipo/{k}": v for k, v in m.items() if k not in ("clip_frac", "policy_kl", "dual_clip_frac", "loss")})
+    return loss, metrics
+
+
+def register(name: str = NAME):
+    """Register `verl_policy_loss` in verl's policy-loss registry (needs verl importable)."""
+    from verl.trainer.ppo.core_algos import register_policy_loss
+
+    return register_policy_loss(name)(verl_policy_loss)
+
+
+# ----------------------------------------------------------------------------- launcher translation
+def recipe_knobs(cfg) -> dict[str, Any]:
+    """A fipo_lite config's algorithm section as the upstream recipe's knobs."""
+    a = cfg.algorithm
+    if a.loss_mode != "fipo":
+        raise ValueError(f"the verl plug-in is the FIPO loss; algorithm.loss_mode is {a.loss_mode!r} "
+                         "(use verl's own 'vanilla' loss for DAPO/GRPO)")
+    if a.fkl_clip_low == 0.0 and a.fkl_clip_high == 10.0:
+        ratio, high_only = 0.0, True
+    elif a.fkl_clip_low == 1.0:
+        ratio, high_only = a.fkl_clip_high - 1.0, True
+    elif abs((1.0 - a.fkl_clip_low) - (a.fkl_clip_high - 1.0)) < 1e-9:
+        ratio, high_only = a.fkl_clip_high - 1.0, False
+    else:
+        raise ValueError(f"influence clip [{a.fkl_clip_low}, {a.fkl_clip_high}] has no upstream equivalent "
+                         "(upstream supports [1, 1+r], [1-r, 1+r] and no clip)")
+    knobs = {"decay_rate": float(a.tau), "future_kl_start": a.start, "future_kl_window": int(a.window),
+             "future_kl_average": bool(a.average), "future_kl_clip_ratio": round(float(ratio), 6),
+             "future_kl_clip_high_only": high_only, "safety_thresh": float(a.safety_thresh)}
+    return knobs
+
+
+def launcher_overrides(cfg, target: str = "stock") -> list[str]:
+    """A fipo_lite run config -> Hydra overrides for verl's `python -m verl.trainer.main_ppo`.
+
+    target="stock" (verl from PyPI): the FIPO knobs travel to every Ray worker as the JSON in
+    $FIPO_LITE_VERL_KNOBS (runtime_env); target="fork" (the upstream FIPO repository, whose
+    policy_loss config has the knobs): they are set as `policy_loss.*` keys.
+    """
+    if target not in ("stock", "fork"):
+        raise ValueError(f"target must be 'stock' or 'fork', got {target!r}")
+    a, t, r, d = cfg.algorithm, cfg.trainer, cfg.rollout, cfg.data
+    knobs = recipe_knobs(cfg)
+    clip_high = a.clip_high if a.clip_high is not None else 0.28
+    actor = "actor_rollout_ref.actor"
+    out = [
+        f"algorithm.adv_estimator=grpo", f"algorithm.norm_adv_by_std_in_grpo={a.norm_adv_by_std}",
+        f"{actor}.policy_loss.loss_mode={NAME}", f"{actor}.clip_ratio_low={a.clip_low}", f"{actor}.clip_ratio_high={clip_high}",
+        f"{actor}.clip_ratio_c={a.dual_clip_c}", f"{actor}.loss_agg_mode={a.loss_agg_mode or 'token-mean'}",
+        f"{actor}.ppo_mini_batch_size={t.ppo_mini_batch_size}", f"{actor}.ppo_epochs={t.ppo_epochs}",
+        f"{actor}.optim.lr={t.lr}", f"{actor}.optim.lr_warmup_steps={t.warmup_steps}", f"{actor}.optim.weight_decay={t.weight_decay}",
+        f"{actor}.grad_clip={t.grad_clip}", f"{actor}.use_kl_loss={bool(a.kl_coef)}", f"{actor}.kl_loss_coef={a.kl_coef}",
+        f"actor_rollout_ref.rollout.n={r.n}", f"actor_rollout_ref.rollout.temperature={r.temperature}",
+        f"actor_rollout_ref.rollout.top_p={r.top_p}", f"data.train_batch_size={t.train_batch_size}",
+        f"data.max_prompt_length={d.max_prompt_length}", f"data.max_response_length={r.max_new_tokens}",
+        f"algorithm.filter_groups.enable={a.filter_groups.enable}", f"algorithm.filter_groups.metric={a.filter_groups.metric}",
+        f"algorithm.filter_groups.max_num_gen_batches={a.filter_groups.max_num_gen_batches}",
+        f"trainer.total_training_steps={t.total_steps}", f"trainer.test_freq={t.eval_every}", f"trainer.save_freq={t.save_every}",
+        f"actor_rollout_ref.model.path={cfg.model.path}",
+    ]
+    if target == "fork":
+        out += [f"{actor}.policy_loss.{k}={v}" for k, v in knobs.items()]
+    else:
+        out.append(f"+ray_kwargs.ray_init.runtime_env.env_vars.{ENV}='{json.dumps(knobs, separators=(',', ':'))}'")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="python -m fipo_lite.integrations.verl",
+                                 description="Print verl launcher overrides for a fipo_lite config.")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--target", default="stock", choices=["stock", "fork"], help="verl from PyPI, or the upstream FIPO fork")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        lines = launcher_overrides(load_config(args.config, args.overrides), args.target)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("python3 -m verl.trainer.main_ppo \\\n    " + " \\\n    ".join(lines))
+    return 0
+
+
+try:  # imported by verl's plugin discovery: register right away
+    register()
+except ImportError:  # verl not installed: the functions above still work on plain tensors
+    pass
+
+if __name__ == "__main__":
+    sys.exit(main())

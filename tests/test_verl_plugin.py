@@ -1,0 +1,119 @@
+"""The verl plug-in: registration through verl's plugin discovery, equality with fipo_lite.policy_loss
+and (with influence weights pinned to 1) with verl's own vanilla loss, knob resolution, launcher overrides."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import fipo_lite
+from fipo_lite.config import load_config
+from fipo_lite.integrations import verl as plugin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tensors(B=4, L=12, seed=0, spikes=True):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, L, generator=g) * 2
+    logp = old + torch.randn(B, L, generator=g) * 0.2
+    if spikes:
+        logp[0, :2] += 3.0  # two ratios above c on a negative-advantage row: FIPO drops the row
+    adv = torch.randn(B, 1, generator=g).expand(B, L).contiguous()
+    adv[0] = -1.0
+    mask = torch.arange(L)[None] < torch.tensor([L, L - 3, 5, 1])[:, None]
+    return old, logp, adv, mask
+
+
+def _actor_config(**policy_loss):
+    return OmegaConf.create({
+        "clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": 10.0,
+        "policy_loss": {"loss_mode": "future_kl", **policy_loss}, "global_batch_info": {},
+    })
+
+
+def test_loss_equals_fipo_lite_policy_loss(monkeypatch):
+    monkeypatch.delenv(plugin.ENV, raising=False)
+    old, logp, adv, mask = _tensors()
+    cfg = _actor_config(decay_rate=16, future_kl_clip_ratio=0.2, future_kl_clip_high_only=False, safety_thresh=3.0)
+    loss, metrics = plugin.verl_policy_loss(old, logp, adv, mask, "token-mean", cfg)
+    ref, m = fipo_lite.policy_loss(old, logp, adv, mask, tau=16, fkl_clip_low=0.8, fkl_clip_high=1.2, safety_thresh=3.0,
+                                   clip_low=0.2, clip_high=0.28, dual_clip_c=10.0)
+    assert loss.item() == ref.item()
+    assert metrics["actor/pg_clipfrac"] == m["clip_frac"] and metrics["actor/ppo_kl"] == m["policy_kl"]
+    assert metrics["actor/pg_clipfrac_lower"] == m["dual_clip_frac"]
+    assert metrics["actor/fipo/invalid_seq_frac"] > 0 and "actor/fipo/influence_mean" in metrics
+
+
+def test_knob_precedence_and_errors(monkeypatch):
+    monkeypatch.setenv(plugin.ENV, json.dumps({"decay_rate": 8, "safety_thresh": 3.0}))
+    k = plugin.resolve_knobs(_actor_config(decay_rate=64))
+    assert k["decay_rate"] == 64 and k["safety_thresh"] == 3.0 and k["future_kl_clip_ratio"] == 0.2
+    monkeypatch.setenv(plugin.ENV, json.dumps({"decay": 8}))
+    with pytest.raises(ValueError, match="unknown keys \\['decay'\\]"):
+        plugin.resolve_knobs(_actor_config())
+    monkeypatch.setenv(plugin.ENV, "{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        plugin.resolve_knobs(_actor_config())
+    monkeypatch.delenv(plugin.ENV)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        plugin.verl_policy_loss(*_tensors(), "token-sum", _actor_config())
+
+
+verl_core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed (see .ci/run)")
+
+
+def test_registered_under_upstream_name_by_verl_plugin_discovery():
+    import verl  # noqa: F401  - verl's import loads the `verl.plugins` entry points, ours included
+
+    assert verl_core.get_policy_loss_fn("future_kl") is plugin.verl_policy_loss
+    ours = list(inspect.signature(plugin.verl_policy_loss).parameters)
+    theirs = list(inspect.signature(verl_core.get_policy_loss_fn("vanilla")).parameters)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("agg,info", [
+    ("token-mean", {}),
+    ("token-mean", {"dp_size": 2, "batch_num_tokens": 50}),
+    ("seq-mean-token-mean", {"dp_size": 2, "global_batch_size": 7}),
+    ("seq-mean-token-sum-norm", {"dp_size": 1, "global_batch_size": 4, "loss_scale_factor": 40}),
+])
+def test_matches_verl_vanilla_when_influence_is_pinned_to_one(agg, info, monkeypatch):
+    """With f == 1 (clip range [1, 1]) and no invalidated rows, FIPO is DAPO: verl's own vanilla loss,
+    including verl's global-batch aggregation across data-parallel ranks."""
+    monkeypatch.delenv(plugin.ENV, raising=False)
+    old, logp, adv, mask = _tensors(seed=1, spikes=False)
+    cfg = _actor_config(future_kl_clip_ratio=1e-12, future_kl_clip_high_only=True)
+    cfg.global_batch_info = info
+    x1, x2 = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    ours, m = verl_core.get_policy_loss_fn("future_kl")(old, x1, adv, mask, agg, cfg)
+    theirs, tm = verl_core.get_policy_loss_fn("vanilla")(old, x2, adv, mask, agg, cfg)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-7)
+    for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
+        assert m[key] == pytest.approx(tm[key], rel=1e-5, abs=1e-7)
+
+
+def test_launcher_overrides_from_a_fipo_lite_config():
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["algorithm.tau=64", "algorithm.fkl_clip_low=0.8"])
+    stock = plugin.launcher_overrides(cfg)
+    assert "actor_rollout_ref.actor.policy_loss.loss_mode=future_kl" in stock
+    assert "actor_rollout_ref.actor.clip_ratio_high=0.28" in stock and "actor_rollout_ref.rollout.n=8" in stock
+    env = [o for o in stock if plugin.ENV in o][0]
+    knobs = json.loads(env.split("=", 1)[1].strip("'"))
+    assert knobs["decay_rate"] == 64.0 and knobs["future_kl_clip_ratio"] == pytest.approx(0.2)
+    assert knobs["future_kl_clip_high_only"] is False
+    fork = plugin.launcher_overrides(cfg, target="fork")
+    assert "actor_rollout_ref.actor.policy_loss.decay_rate=64.0" in fork and not any(plugin.ENV in o for o in fork)
+    with pytest.raises(ValueError, match="loss_mode is 'dapo'"):
+        plugin.launcher_overrides(load_config(ROOT / "configs" / "tiny_cpu.yaml", ["algorithm.loss_mode=dapo"]))
+    with pytest.raises(ValueError, match="no upstream equivalent"):
+        plugin.launcher_overrides(load_config(ROOT / "configs" / "tiny_cpu.yaml", ["algorithm.fkl_clip_low=0.9"]))
+    assert plugin.main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml")]) == 0

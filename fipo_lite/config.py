@@ -68,6 +68,9 @@ class VllmConfig:
     max_lora_rank: int = 64
     enforce_eager: bool = False
     dtype: str = "bfloat16"
+    quantization: Optional[str] = None  # e.g. "bitsandbytes": 4-bit sampler weights (unsloth backend: Unsloth configures its own vLLM)
+    sleep_level: int = 1  # vLLM sleep: 1 offloads weights to CPU and drops the KV cache, 2 drops both
+    max_num_seqs: int = 256  # sequences decoded at once
 
 
 @dataclass

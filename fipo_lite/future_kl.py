@@ -70,7 +70,8 @@ def _reverse_scan(x: torch.Tensor, gamma: float) -> torch.Tensor:
     nb = -(-L // K)
     xb = (x if nb * K == L else torch.nn.functional.pad(x, (0, nb * K - L))).reshape(B, nb, K)
     w_t, tail = _decay_tables(K, gamma, x.dtype, x.device)
-    local = xb @ w_t  # within-block F
+    with torch.autocast(device_type=x.device.type, enabled=False):  # never let autocast drop this to 16 bits
+        local = xb @ w_t  # within-block F
     if nb > 1:
         # the carries are the same recurrence one level up, with decay gamma**K: recurse
         carry = _reverse_scan(torch.nn.functional.pad(local[:, 1:, 0], (0, 1)), gamma**K)

@@ -153,7 +153,7 @@ def make_figure(runs: list[Run], *, smooth_window: int = 1, stages: list[float] 
             ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[i % len(colors)], lw=2, label=run.name) for i, run in enumerate(runs)]
-    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 4), fontsize=11, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 4), fontsize=11, frameon=False)
     if title:
         fig.suptitle(title, fontsize=13)
     return fig

@@ -47,6 +47,7 @@ def build_tokenizer():
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK,
         additional_special_tokens=[BOS], padding_side="left", clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids: Qwen2 takes none
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok

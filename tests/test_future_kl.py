@@ -105,3 +105,12 @@ def test_bad_tensors_name_themselves():
     bad[0, 1] = math.inf
     with pytest.raises(ValueError, match="delta.*NaN or inf"):
         fipo_lite.future_kl(bad, mask)
+
+
+def test_autocast_does_not_lower_precision():
+    delta, mask = _batch(2, 500, seed=7, big=0.0)
+    d32 = delta.float()
+    plain = fipo_lite.future_kl(d32, mask, tau=32.0)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        auto = fipo_lite.future_kl(d32, mask, tau=32.0)
+    assert auto.dtype == torch.float32 and torch.equal(plain, auto)

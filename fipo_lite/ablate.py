@@ -133,7 +133,11 @@ def run_summary(out: Path, wall_s: float) -> dict:
     val = [(r[M.STEP], r[M.VAL_AVG]) for r in rows if isinstance(r.get(M.VAL_AVG), (int, float))]
     lengths = [r[M.LENGTH["mean"]] for r in rows if isinstance(r.get(M.LENGTH["mean"]), (int, float))]
     reach = [s for s, v in val if v >= 0.9]
+    train = [(r[M.STEP], r[M.ACCURACY]) for r in rows if isinstance(r.get(M.ACCURACY), (int, float))]
+    train_reach = [s for s, v in train if v >= 0.9]
     return {
+        "train_acc_mean": sum(v for _, v in train) / len(train) if train else float("nan"),
+        "train_step_to_90": float(train_reach[0]) if train_reach else float("nan"),
         "peak_val_acc": max(v for _, v in val) if val else float("nan"),
         "final_val_acc": val[-1][1] if val else float("nan"),
         "initial_val_acc": val[0][1] if val else float("nan"),
@@ -144,7 +148,9 @@ def run_summary(out: Path, wall_s: float) -> dict:
 
 
 COLUMNS = [("peak_val_acc", "peak val avg@k", "{:.3f}"), ("final_val_acc", "final val avg@k", "{:.3f}"),
-           ("step_to_90", "first step with val >= 0.9", "{:.1f}"), ("final_mean_length", "final mean length (tokens)", "{:.1f}"),
+           ("step_to_90", "first eval step with val >= 0.9", "{:.1f}"),
+           ("train_acc_mean", "mean train accuracy over all steps", "{:.3f}"),
+           ("train_step_to_90", "first step with train accuracy >= 0.9", "{:.1f}"), ("final_mean_length", "final mean length (tokens)", "{:.1f}"),
            ("wall_s", "wall time (s)", "{:.0f}")]
 
 

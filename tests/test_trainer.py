@@ -151,3 +151,12 @@ def test_helpers():
     packed = micro_batches(samples, size=99, token_budget=26)
     assert [len(mb) for mb in packed] == [2, 2]  # 8+8 fit in 26, 3 x 13 would not; 13 and 4 pad to 2 x 13
     assert micro_batches(samples, size=3, token_budget=0) == [samples[:3], samples[3:]]
+
+
+def test_gpu_backend_without_gpu_stack_is_a_clear_error(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is not None and torch.cuda.is_available():
+        pytest.skip("this machine can run unsloth")
+    assert main(["--config", str(ROOT / "configs" / "qwen2.5-32b.yaml")]) == 2
+    assert "gpu extra" in capsys.readouterr().err

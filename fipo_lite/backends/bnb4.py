@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-GPU_EXTRA = "pip install 'fipo_lite[gpu]'"
+GPU_EXTRA = "install the gpu extra: pip install torch==2.14.0 && pip install -e '.[gpu]' (in the fipo_lite checkout)"
 
 
 def require_gpu_package(package: str, what: str) -> None:

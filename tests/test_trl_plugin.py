@@ -43,8 +43,8 @@ def test_fipo_grpo_trainer_runs_and_matches_policy_loss(tiny_warm_model_dir, tmp
     data = Dataset.from_list([{"prompt": e.prompt, "ground_truth": e.ground_truth} for e in ex])
     tok = AutoTokenizer.from_pretrained(tiny_warm_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_warm_model_dir)
-    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=24,
-                          max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, beta=0.0,
+    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=24,
+                          steps_per_generation=2, max_steps=4, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, beta=0.0,
                           temperature=1.0, save_strategy="no", num_iterations=2, seed=0, gradient_checkpointing=False)
     trainer = plugin.FIPOGRPOTrainer(model=model, processing_class=tok, reward_funcs=[_reward], args=args, train_dataset=data,
                                      fipo=dict(tau=16.0, fkl_clip_low=0.8, fkl_clip_high=1.2, safety_thresh=3.0))
@@ -57,6 +57,11 @@ def test_fipo_grpo_trainer_runs_and_matches_policy_loss(tiny_warm_model_dir, tmp
         again, _ = fipo_lite.policy_loss(old, logp, adv, mask, **kwargs)
         assert torch.equal(again, loss)
         assert math.isfinite(loss.item())
+    # one generation batch (8 completions) feeds 2 micro-batches, each its own optimizer step: each step's
+    # token-mean is over its own tokens, i.e. denominator = the generation batch's tokens / steps_per_generation
+    masks = [c[0][3].sum().item() for c in calls[:2]]
+    for _, kwargs, _ in calls[:2]:
+        assert kwargs["denominator"] == pytest.approx(sum(masks) / 2)
     # with num_iterations=2 the second pass over a batch sees real old log-probs, so the ratio moves
     assert any(not torch.equal(c[0][0], c[0][1]) for c in calls)
     logged = [h for h in trainer.state.log_history if "fipo/influence_mean" in h]

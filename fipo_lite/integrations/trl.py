@@ -11,8 +11,9 @@ GRPOTrainer:
 Supported: trl >= 0.24, <= 1.15 (text-only models). TRL's tensors map onto the spec's inputs:
 per_token_logps -> logp, old_per_token_logps (or logp.detach() when TRL skips it) -> old_logp,
 advantages -> adv, completion_mask (x tool_mask) -> mask. TRL's clip range (epsilon, epsilon_high)
-is the token clip; the token-mean denominator is the whole accumulated batch's completion tokens
-(TRL's `num_items_in_batch`, per process), so gradient accumulation matches one big batch.
+is the token clip; the token-mean denominator is one optimizer step's completion tokens (TRL's
+`num_items_in_batch` rescaled to the accumulation window, per process, as TRL 1.x does for DAPO),
+so gradient accumulation matches one big batch.
 FIPO diagnostics are logged under `fipo/<name>` next to TRL's own metrics.
 """
 
@@ -64,10 +65,12 @@ class FIPOGRPOTrainer(GRPOTrainer):
         kl = {}
         if self.beta != 0.0:
             kl = {"ref_logp": inputs["ref_per_token_logps"], "kl_coef": self.beta}
-        n_items = inputs.get("num_items_in_batch")
+        n_items = inputs.get("num_items_in_batch")  # completion tokens of the whole generation batch, all ranks
         denominator = None
-        if n_items is not None:
+        if n_items is not None:  # this rank's share of one optimizer step's tokens (TRL 1.x's DAPO normaliser)
             denominator = float(n_items) / self.accelerator.num_processes
+            if self.model.training:
+                denominator *= self.current_gradient_accumulation_steps / self.args.steps_per_generation
         loss, metrics = policy_loss(old, logp, adv, mask.bool(), clip_low=self.epsilon_low, clip_high=self.epsilon_high,
                                     denominator=denominator, is_weights=is_weights, **kl, **self.fipo_kwargs)
         if denominator is None:  # no global count: TRL's per-micro-batch normalisation

@@ -115,7 +115,11 @@ def stage_fits(steps, x, y, boundaries) -> list[dict]:
 
 
 def _note(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8, color="0.4", wrap=True)
+    """A grey note inside the panel, wrapped by hand and kept out of the layout engine."""
+    import textwrap
+
+    t = ax.text(0.5, 0.5, textwrap.fill(text, 48), ha="center", va="center", transform=ax.transAxes, fontsize=7.5, color="0.4")
+    t.set_in_layout(False)
 
 
 def make_figure(runs: list[Run], *, smooth_window: int = 1, stages: list[float] | None = None, n_stages: int = 3,
@@ -148,7 +152,12 @@ def make_figure(runs: list[Run], *, smooth_window: int = 1, stages: list[float] 
                 ax.plot(s, smooth(v, smooth_window), color=colors[i % len(colors)], ls=LINESTYLES[j % 4], lw=1.6, label=label)
         if missing:
             hint = " (dapo/grpo runs have no influence weights)" if "influence" in keys[0][0] else ""
-            _note(ax, "no data: " + "; ".join(missing[:3]) + (" ..." if len(missing) > 3 else "") + " not logged" + hint)
+            lacking = sorted({m.split(": ")[0] for m in missing})
+            what = ", ".join(sorted({m.split(": ")[1] for m in missing}))
+            if ax.lines:  # some runs have it: say which do not, under the title
+                ax.set_title(f"{name}\n(not logged by {', '.join(lacking)})", fontsize=10)
+            else:
+                _note(ax, f"no data: {what} not logged by {', '.join(lacking)}{hint}")
         if len(keys) > 1 and ax.lines:
             ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
@@ -170,16 +179,17 @@ def _accuracy_panel(ax, runs, colors, stages, n_stages) -> None:
             continue
         any_points = True
         c = colors[i % len(colors)]
-        ax.scatter(x, y, s=14, color=c, label=f"{run.name} ({label})")
+        ax.scatter(x, y, s=14, color=c, label=f"{run.name} ({label})" if len(runs) <= 2 else None)
         bounds = list(stages) if stages else list(np.linspace(steps.min(), steps.max(), n_stages + 1))
         for fit in stage_fits(steps, x, y, bounds):
             xs = np.linspace(fit["x"].min(), fit["x"].max(), 2)
-            ax.plot(xs, fit["slope"] * xs + fit["intercept"], color=c, lw=1.2, ls=LINESTYLES[(fit["stage"] - 1) % 4],
-                    label=f"stage {fit['stage']} (steps {fit['lo']:.0f}-{fit['hi']:.0f}): slope {fit['slope']:.3g}/token, R² {fit['r2']:.2f}")
+            label = (f"stage {fit['stage']} (steps {fit['lo']:.0f}-{fit['hi']:.0f}): slope {fit['slope']:.3g}/token, R² {fit['r2']:.2f}"
+                     if len(runs) <= 2 else None)  # with many runs the fits are drawn, not listed
+            ax.plot(xs, fit["slope"] * xs + fit["intercept"], color=c, lw=1.2, ls=LINESTYLES[(fit["stage"] - 1) % 4], label=label)
     if not any_points:
         _note(ax, f"no data: need >= 2 rows with {M.VAL_AVG} or {M.ACCURACY}")
-    else:
-        ax.legend(fontsize=6.5, loc="best")
+    elif ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6.5, loc="lower right")
     ax.grid(alpha=0.3)
 
 

@@ -70,7 +70,10 @@ def _reverse_scan(x: torch.Tensor, gamma: float) -> torch.Tensor:
     nb = -(-L // K)
     xb = (x if nb * K == L else torch.nn.functional.pad(x, (0, nb * K - L))).reshape(B, nb, K)
     w_t, tail = _decay_tables(K, gamma, x.dtype, x.device)
-    with torch.autocast(device_type=x.device.type, enabled=False):  # never let autocast drop this to 16 bits
+    if torch.is_autocast_enabled(x.device.type):  # never let autocast drop this matmul to 16 bits
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            local = xb @ w_t
+    else:
         local = xb @ w_t  # within-block F
     if nb > 1:
         # the carries are the same recurrence one level up, with decay gamma**K: recurse

@@ -1,6 +1,6 @@
 """Benchmark: fipo_lite's O(B*L) Future-KL and loss against the paper's chunked O(B*L^2) algorithm.
 
-Prints a markdown table (median wall time over repeats, peak memory, speed-up, relative error),
+Prints a markdown table (fastest wall time over repeats, peak memory, speed-up, relative error),
 all ratios measured in this one run on this machine:
 
     python scripts/bench_objective.py                 # B=8, L in {2048, 8192, 16384, 20480}
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 
@@ -43,7 +42,8 @@ def sync(device):
 
 
 def timed(fn, device, repeats, min_time=0.0):
-    """Median seconds of `repeats` calls (after one warm-up call)."""
+    """Fastest of `repeats` calls (after one warm-up call): the least noisy estimate on a shared
+    machine, as timeit recommends; slower calls measure interference, not the code."""
     fn()
     sync(device)
     times = []
@@ -52,7 +52,7 @@ def timed(fn, device, repeats, min_time=0.0):
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def peak_bytes(fn, device):
@@ -110,8 +110,8 @@ def bench_size(B, L, device, repeats, chunk_size, skip_chunked):
         for _ in range(3):
             f_t.append(timed(loss_fn("fipo", metrics), device, max(1, repeats // 3)))
             d_t.append(timed(loss_fn("dapo", metrics), device, max(1, repeats // 3)))
-        row[f"fipo_loss{tag}_ms"] = statistics.median(f_t) * 1e3
-        row[f"dapo_loss{tag}_ms"] = statistics.median(d_t) * 1e3
+        row[f"fipo_loss{tag}_ms"] = min(f_t) * 1e3
+        row[f"dapo_loss{tag}_ms"] = min(d_t) * 1e3
         row[f"fipo_over_dapo{tag}"] = row[f"fipo_loss{tag}_ms"] / row[f"dapo_loss{tag}_ms"]
     return row
 

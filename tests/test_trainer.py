@@ -160,3 +160,13 @@ def test_gpu_backend_without_gpu_stack_is_a_clear_error(capsys):
         pytest.skip("this machine can run unsloth")
     assert main(["--config", str(ROOT / "configs" / "qwen2.5-32b.yaml")]) == 2
     assert "gpu extra" in capsys.readouterr().err
+
+
+def test_evaluate_command_loads_a_run_directory(fipo_run, tmp_path):
+    from fipo_lite import evaluate
+
+    rc = evaluate.main(["--model", str(fipo_run), "--data", "synthetic:addition", "-k", "2", "--n-problems", "4",
+                        "--max-new-tokens", "24", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["val/num_problems"] == 4 and 0 <= summary[M.VAL_AVG] <= 1

@@ -303,6 +303,10 @@ def train(cfg: DictConfig) -> dict:
         kept = [row for row in M.read_jsonl(metrics_path) if row.get(M.STEP, 0) <= start] if metrics_path.exists() else []
         metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         print(f"[fipo_lite] resumed from {resume_from} at step {start}", file=sys.stderr)
+        if start >= t.total_steps:
+            print(f"[fipo_lite] {out} already finished {t.total_steps} steps; raise trainer.total_steps to train "
+                  "further, or use trainer.resume=never / another output_dir to start over", file=sys.stderr)
+            return kept[-1] if kept else {}
     else:
         metrics_path.write_text("")
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

@@ -86,6 +86,9 @@ def test_resume_equals_uninterrupted(tiny_warm_model_dir, fipo_run, tmp_path):
     train(_cfg(tiny_warm_model_dir, out, **{"trainer.total_steps": 2}))  # "killed" after step 2
     train(_cfg(tiny_warm_model_dir, out))
     assert _rows(out) == _rows(fipo_run)
+    # running a finished run again changes nothing and reports its last step
+    last = train(_cfg(tiny_warm_model_dir, out))
+    assert last[M.STEP] == 3 and _rows(out) == _rows(fipo_run)
 
 
 def test_same_seed_same_metrics_other_seed_differs(tiny_warm_model_dir, fipo_run, tmp_path):

@@ -173,3 +173,26 @@ def test_evaluate_command_loads_a_run_directory(fipo_run, tmp_path):
     assert rc == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["val/num_problems"] == 4 and 0 <= summary[M.VAL_AVG] <= 1
+
+
+def test_sampler_logprobs_tis_and_token_budget_packing(tiny_warm_model_dir, tmp_path):
+    """Sampler log-probs are kept and agree with the trainer's recomputation (same weights, T=1), the
+    TIS correction runs, and micro-batches packed by a token budget train like count-based ones."""
+    out = tmp_path / "tis"
+    train(_cfg(tiny_warm_model_dir, out, **{"algorithm.tis_cap": 2.0, "trainer.max_tokens_per_micro_batch": 120,
+                                            "algorithm.filter_groups.enable": False, "trainer.total_steps": 1,
+                                            "trainer.eval_every": 0, "trainer.save_every": 0}))
+    row = _rows(out)[-1]
+    assert row["actor/num_updates"] > 0
+    assert 0 <= row["rollout/logprob_gap"] < 1e-3
+    assert math.isfinite(row[M.LOSS])
+
+
+def test_micro_batches_respect_the_token_budget():
+    samples = [Sample([1] * 5, [2] * n, 0.0) for n in (3, 10, 4, 20, 1)]
+    packs = micro_batches(samples, size=99, token_budget=40)
+    assert [len(p) for p in packs] and sum(len(p) for p in packs) == 5
+    for p in packs:  # padded size of each pack stays within the budget unless one sample alone exceeds it
+        width = max(len(s.prompt_ids) + len(s.response_ids) for s in p)
+        assert len(p) * width <= 40 or len(p) == 1
+    assert [len(p) for p in micro_batches(samples, size=2, token_budget=0)] == [2, 2, 1]

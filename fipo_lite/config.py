@@ -106,6 +106,7 @@ class OverlongConfig:
 class RewardConfig:
     name: str = "auto"  # auto (by data_source) | exact | dapo_math | boxed
     timeout_s: float = 5.0  # a reward call past this scores 0 and is counted
+    num_workers: int = 1  # reward processes (a runaway call is killed with its process)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
 
 

@@ -22,7 +22,10 @@ class Example:
 
 
 def load_examples(spec: str, *, n: int | None = None, seed: int = 0, split: str = "train") -> list[Example]:
-    """`synthetic:NAME`, a `.jsonl` file or a verl-format `.parquet` file -> Examples (first `n` rows)."""
+    """`synthetic:NAME` (n problems of that task, `split` and `seed` pick a disjoint, shuffled set), or
+    a `.jsonl` / verl-format `.parquet` file (its first `n` rows in file order; None = all)."""
+    if n is not None and n < 1:
+        raise ValueError(f"n must be >= 1 (or None for all rows), got {n}")
     if spec.startswith("synthetic:"):
         from .tasks import make_examples
 
@@ -31,15 +34,18 @@ def load_examples(spec: str, *, n: int | None = None, seed: int = 0, split: str 
     if not path.is_file():
         raise ValueError(f"data file not found: {spec!r} (expected synthetic:NAME, a .jsonl or a .parquet file)")
     if path.suffix == ".jsonl":
-        rows = _jsonl_rows(path)
+        rows = _jsonl_rows(path)[:n]
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: cannot read as parquet: {e}") from None
+        rows = (table if n is None else table.slice(0, n)).to_pylist()
     else:
         raise ValueError(f"unsupported data file {spec!r}: use .jsonl or verl-format .parquet")
-    if n is not None:
-        rows = rows[:n]
     return [_example(row, i, path) for i, row in enumerate(rows)]
 
 
@@ -76,6 +82,9 @@ def _example(row: Any, i: int, path: Path) -> Example:
         truth = row.get("ground_truth", row.get("answer"))
     if truth is None or isinstance(truth, (dict, list)):
         raise ValueError(f"{where}: no ground truth (need reward_model.ground_truth, ground_truth or answer)")
+    source = row.get("data_source") or "unknown"
+    if not isinstance(source, str):
+        raise ValueError(f"{where}: 'data_source' must be a string, got {source!r:.80}")
     extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
     return Example(prompt=[{"role": m["role"], "content": m["content"]} for m in prompt], ground_truth=str(truth),
-                   data_source=str(row.get("data_source") or "unknown"), index=i, extra=dict(extra))
+                   data_source=source, index=i, extra=dict(extra))

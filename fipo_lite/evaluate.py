@@ -41,10 +41,12 @@ def cons_at_k(preds: list, accs: list[float]) -> float:
     return float(next(a for p, a in zip(preds, accs) if p == winner))
 
 
-def summarize(rows: list[dict], k: int) -> dict[str, float]:
-    """Mean of the per-problem metrics plus response-length statistics, under fipo_lite.metrics names."""
+def summarize(rows: list[dict], k: int | None = None) -> dict[str, float]:
+    """Mean of the per-problem metrics (rows of `evaluate_rollouts`) plus response-length statistics,
+    under fipo_lite.metrics names."""
     if not rows:
         raise ValueError("no problems to summarize")
+    k = k if k is not None else rows[0]["k"]
     lengths = [L for r in rows for L in r["lengths"]]
     out = {
         M.VAL_AVG: sum(r["avg_at_k"] for r in rows) / len(rows),
@@ -54,13 +56,18 @@ def summarize(rows: list[dict], k: int) -> dict[str, float]:
         "val/k": float(k),
         "val/num_problems": float(len(rows)),
     }
-    out.update({f"val/{key.split('/', 1)[1]}": v for key, v in M.length_stats(lengths).items() if key != M.LENGTH["mean"]})
+    # val/response_length_min, _q25, _median, _q75, _max beside metrics' val/response_length_mean
+    out.update({f"val/response_length_{key.split('/', 1)[1]}": v for key, v in M.length_stats(lengths).items() if key != M.LENGTH["mean"]})
     return out
 
 
 def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParams, reward_fn, prompt_ids=None,
                       ) -> tuple[dict[str, float], list[dict]]:
-    """Sample `params.n` (>= k) responses per example with any RolloutEngine, score, and summarize."""
+    """Sample `params.n` (>= k) responses per example with any RolloutEngine, score, and summarize.
+
+    With n > k samples, pass@k and avg@k use all n (unbiased, lower variance); cons@k votes over the first k."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     if params.n < k:
         raise ValueError(f"need at least k={k} samples per problem, got params.n={params.n}")
     if prompt_ids is None:
@@ -69,17 +76,19 @@ def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParam
     texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
     ex = [examples[i] for i in ro.prompt_index]
     rew = reward_fn(texts, [e.ground_truth for e in ex], [e.data_source for e in ex], ro.response_lengths)
+    by_prompt: list[list[int]] = [[] for _ in examples]
+    for i, q in enumerate(ro.prompt_index):
+        by_prompt[q].append(i)
     rows = []
-    for p, example in enumerate(examples):
-        idx = [i for i, q in enumerate(ro.prompt_index) if q == p]
+    for example, idx in zip(examples, by_prompt):
         accs = [rew.accs[i] for i in idx]
         preds = [rew.preds[i] for i in idx]
         rows.append({
-            "index": example.index, "data_source": example.data_source, "ground_truth": example.ground_truth,
+            "index": example.index, "k": k, "data_source": example.data_source, "ground_truth": example.ground_truth,
             "preds": preds, "accs": accs, "lengths": [ro.response_lengths[i] for i in idx],
             "truncated": [ro.truncated[i] for i in idx],
             "avg_at_k": sum(accs) / len(accs), "pass_at_k": pass_at_k(len(accs), int(sum(a > 0 for a in accs)), k),
-            "cons_at_k": cons_at_k(preds, accs), "responses": [texts[i] for i in idx],
+            "cons_at_k": cons_at_k(preds[:k], accs[:k]), "responses": [texts[i] for i in idx],
         })
     summary = summarize(rows, k)
     if rew.failures:
@@ -88,36 +97,67 @@ def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParam
 
 
 # ----------------------------------------------------------------------------- command
-def load_for_eval(model_path: str, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False):
-    """A model dir, or a training checkpoint (its `adapter/` names the base model), plus tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    from .backends.hf import DTYPES, load_tokenizer, resolve_device
-
+def resolve_model(model_path: str) -> tuple[str, Path | None]:
+    """(base model path, adapter dir or None) for a model dir/hub name, a training checkpoint (its
+    `adapter/` names the base model) or a run dir (its latest checkpoint)."""
     p = Path(model_path)
-    if (p / "checkpoints").is_dir():  # a run directory: take its latest checkpoint
+    if (p / "checkpoints").is_dir():
         from .checkpoint import find_latest
 
         latest = find_latest(p / "checkpoints")
         if latest is None:
-            raise ValueError(f"{p} is a run directory without checkpoints")
+            raise ValueError(f"{p} is a run directory without finished checkpoints")
         p = latest
-    adapter = p / "adapter" if (p / "adapter" / "adapter_config.json").exists() else p if (p / "adapter_config.json").exists() else None
-    dev = resolve_device(device)
+    for adapter in (p / "adapter", p):
+        if (adapter / "adapter_config.json").is_file():
+            from peft import PeftConfig
+
+            return PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path, adapter
+    from .backends.hf import check_model_path
+
+    check_model_path(model_path, "--model")
+    return model_path, None
+
+
+def load_for_eval(model_path: str, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False):
+    """HF model (adapter merged in, if any) and tokenizer for the HF engine."""
+    from transformers import AutoModelForCausalLM
+
+    from .backends.hf import DTYPES, load_tokenizer, resolve_device
+
+    base, adapter = resolve_model(model_path)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if adapter is not None:
-        from peft import PeftConfig, PeftModel
+        from peft import PeftModel
 
-        base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        tok = load_tokenizer(base, trust_remote_code)
-    else:
-        from .backends.hf import check_model_path
+    return model.to(resolve_device(device)).eval(), load_tokenizer(base, trust_remote_code)
 
-        check_model_path(model_path, "--model")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-        tok = load_tokenizer(model_path, trust_remote_code)
-    return model.to(dev).eval(), tok
+
+def vllm_engine_for_eval(base: str, adapter: Path | None, tokenizer, max_prompt_len: int, args):
+    """An in-process vLLM engine for evaluation: no sleep mode, the adapter (if any) as a LoRARequest."""
+    import tempfile
+
+    from .config import load_config
+    from .engines.vllm import VLLM_LORA_RANKS, VLLMEngine
+
+    over = [f"model.path={base}", "rollout.engine=vllm", f"seed={args.seed}", f"rollout.max_new_tokens={args.max_new_tokens}",
+            f"data.max_prompt_length={max_prompt_len}", f"rollout.vllm.max_model_len={max_prompt_len + args.max_new_tokens}",
+            "rollout.vllm.enable_sleep_mode=false", f"rollout.vllm.dtype={args.dtype or 'bfloat16'}",
+            f"rollout.vllm.gpu_memory_utilization={args.gpu_memory_utilization}", f"lora.enable={adapter is not None}",
+            f"output_dir={tempfile.mkdtemp(prefix='fipo_eval_')}"]
+    if adapter is not None:
+        r = int(json.loads((adapter / "adapter_config.json").read_text())["r"])
+        rank = min((x for x in VLLM_LORA_RANKS if x >= r), default=None)
+        if rank is None:
+            raise ValueError(f"adapter rank {r} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+        over += [f"lora.r={r}", f"rollout.vllm.max_lora_rank={rank}"]
+    engine = VLLMEngine(load_config(None, over), tokenizer)
+    if adapter is not None:
+        from vllm.lora.request import LoRARequest
+
+        engine.lora_request = LoRARequest(lora_name="eval", lora_int_id=1, lora_path=str(adapter))
+    return engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,53 +165,60 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="HF model dir or hub name, a checkpoint dir, or a run dir (latest checkpoint)")
     ap.add_argument("--data", required=True, help="synthetic:NAME, a .jsonl file or a verl-format .parquet file")
     ap.add_argument("-k", type=int, default=32, help="samples per problem (default 32, as in the paper)")
-    ap.add_argument("--n-samples", type=int, default=None, help="samples drawn per problem for pass@k (default k)")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=0.7)
+    ap.add_argument("--n-samples", type=int, default=None, help="samples drawn per problem, >= k (default k)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (paper)")
+    ap.add_argument("--top-p", type=float, default=0.7, help="default 0.7 (paper)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--n-problems", type=int, default=None, help="evaluate only the first N problems")
-    ap.add_argument("--reward", default="auto", help="auto | exact | dapo_math | boxed")
+    ap.add_argument("--reward", default="auto", choices=["auto", "exact", "dapo_math", "boxed"])
+    ap.add_argument("--reward-timeout", type=float, default=5.0, help="seconds per reward call before it scores 0")
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--batch-size", type=int, default=64, help="HF engine generation batch (sequences)")
+    ap.add_argument("--device", default="auto", help="hf engine: auto | cpu | cuda")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 (hf), bfloat16 (vllm)")
+    ap.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences per generate call")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm engine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for per_problem.jsonl and summary.json")
     args = ap.parse_args(argv)
 
     import torch
 
-    from .config import RewardConfig
+    from .config import OverlongConfig, RewardConfig
     from .data import load_examples
     from .rewards import RewardRunner
 
     try:
+        n = args.k if args.n_samples is None else args.n_samples
+        for ok, msg in [(args.k >= 1, f"-k must be >= 1, got {args.k}"), (n >= args.k, f"--n-samples ({n}) must be >= k ({args.k})"),
+                        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+                        (args.n_problems is None or args.n_problems >= 1, f"--n-problems must be >= 1, got {args.n_problems}")]:
+            if not ok:
+                raise ValueError(msg)
+        params = SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
         examples = load_examples(args.data, n=args.n_problems, seed=args.seed, split="val")
         if not examples:
             raise ValueError(f"{args.data} has no problems")
-        reward_fn = RewardRunner(RewardConfig(name=args.reward), max_response_length=args.max_new_tokens)
-        n = args.n_samples or args.k
-        params = SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+        reward_fn = RewardRunner(RewardConfig(name=args.reward, timeout_s=args.reward_timeout, overlong=OverlongConfig(enable=False)),
+                                 max_response_length=args.max_new_tokens)
         if args.engine == "vllm":
-            from .engines.vllm import VLLMEngine
-
-            from .config import load_config
-
-            cfg = load_config(None, [f"model.path={args.model}", "rollout.engine=vllm", f"seed={args.seed}"])
             from .backends.hf import load_tokenizer
 
-            tok = load_tokenizer(args.model)
-            engine = VLLMEngine(cfg, tok)
+            base, adapter = resolve_model(args.model)
+            tok = load_tokenizer(base)
+            prompt_ids = [tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True) for e in examples]
+            engine = vllm_engine_for_eval(base, adapter, tok, max(len(p) for p in prompt_ids), args)
         else:
             from .engines.hf import HFEngine
 
-            model, tok = load_for_eval(args.model, args.device, args.dtype)
+            model, tok = load_for_eval(args.model, args.device, args.dtype or "float32")
+            prompt_ids = None
             engine = HFEngine(model, tok, args.batch_size)
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    summary, rows = evaluate_rollouts(engine, tok, examples, args.k, params, reward_fn)
+    summary, rows = evaluate_rollouts(engine, tok, examples, args.k, params, reward_fn, prompt_ids=prompt_ids)
+    reward_fn.close()
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,14 @@ def test_evaluate_rollouts_summary_by_hand():
     assert summary[M.VAL_PASS] == 1.0
     assert summary[M.VAL_CONS] == pytest.approx(0.5)  # "3" wins problem 0, "4" wins problem 1
     assert summary[M.VAL_LENGTH] == pytest.approx(sum(len(r) for rs in engine.responses for r in rs) / 6)
+    assert summary["val/response_length_min"] == 1 and summary["val/response_length_max"] == 8
+    assert E.summarize(rows) == summary  # k is read from the rows
+    # n = 3 samples, k = 1: pass@1 and avg use all 3, cons@1 votes over the first sample only
+    s1, rows1 = E.evaluate_rollouts(engine, FakeTok(), ex, 1, SamplingParams(n=3), RewardRunner(RewardConfig(name="exact"), 8),
+                                    prompt_ids=[[1], [2]])
+    assert s1[M.VAL_PASS] == pytest.approx(s1[M.VAL_AVG]) and s1[M.VAL_CONS] == 1.0
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        E.evaluate_rollouts(engine, FakeTok(), ex, 0, SamplingParams(n=3), None, prompt_ids=[[1], [2]])
     with pytest.raises(ValueError, match="at least k=4"):
         E.evaluate_rollouts(engine, FakeTok(), ex, 4, SamplingParams(n=3), None, prompt_ids=[[1], [2]])
 
@@ -94,8 +102,43 @@ def test_evaluate_command_on_aime_parquet(tiny_model_dir, shared_data_dir, tmp_p
     assert 1 <= summary[M.VAL_LENGTH] <= 8
 
 
-def test_evaluate_command_errors(tmp_path, capsys):
-    assert E.main(["--model", str(tmp_path / "nope"), "--data", "synthetic:addition", "-k", "1"]) == 2
-    assert "neither a local model directory nor a hub name" in capsys.readouterr().err
-    assert E.main(["--model", "x", "--data", str(tmp_path / "missing.jsonl"), "-k", "1"]) == 2
-    assert "not found" in capsys.readouterr().err
+def test_evaluate_command_loads_a_checkpoint_adapter(tiny_model_dir, tmp_path):
+    """A checkpoint dir whose adapter/ names the base model: the adapter is applied (logits change)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "ckpt" / "adapter")
+    model, tok = E.load_for_eval(str(tmp_path / "ckpt"), device="cpu")
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "1+2"}], add_generation_prompt=True, tokenize=True)])
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-4)
+        assert torch.allclose(model(ids).logits, peft_model.eval()(ids).logits, atol=1e-4)
+    rc = E.main(["--model", str(tmp_path / "ckpt"), "--data", "synthetic:addition", "-k", "2", "--n-problems", "2",
+                 "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert rc == 0 and len((tmp_path / "out" / "per_problem.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--model", "{tmp}/nope", "--data", "synthetic:addition"], "neither a local model directory nor a hub name"),
+    (["--model", "x/y", "--data", "{tmp}/missing.jsonl"], "not found"),
+    (["--model", "x/y", "--data", "synthetic:addition", "-k", "0"], "-k must be >= 1"),
+    (["--model", "x/y", "--data", "synthetic:addition", "-k", "4", "--n-samples", "2"], "--n-samples (2) must be >= k (4)"),
+    (["--model", "x/y", "--data", "synthetic:addition", "--n-problems", "0"], "--n-problems must be >= 1"),
+    (["--model", "x/y", "--data", "synthetic:addition", "--top-p", "0"], "top_p must be in (0, 1]"),
+])
+def test_evaluate_command_errors(tmp_path, capsys, args, msg):
+    assert E.main([a.format(tmp=tmp_path) for a in args]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_evaluate_vllm_without_vllm_names_the_gpu_extra(tiny_model_dir, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    assert E.main(["--model", str(tiny_model_dir), "--data", "synthetic:addition", "-k", "1", "--engine", "vllm"]) == 2
+    assert "gpu extra" in capsys.readouterr().err

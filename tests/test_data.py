@@ -1,0 +1,88 @@
+"""Data loaders: the real verl parquet files, JSONL in both schemas, and malformed input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fipo_lite.data import load_examples
+
+
+def test_verl_parquet_files_load(shared_data_dir):
+    aime = load_examples(str(shared_data_dir / "aime-2024.parquet"))
+    assert len(aime) == 30 and {e.data_source for e in aime} == {"aime24"}
+    assert aime[0].prompt[0]["role"] == "user" and "\\boxed{}" in aime[0].prompt[0]["content"]
+    assert aime[0].ground_truth == "204" and "025" in [e.ground_truth for e in aime]  # zero-padded truths are kept as text
+    assert aime[0].extra["split"] == "val" and [e.index for e in aime] == list(range(30))
+    dapo = load_examples(str(shared_data_dir / "dapo-math-sample16.parquet"), n=5)
+    assert [e.ground_truth for e in dapo] == ["34", "113", "-3", "3", "37"]
+    assert dapo[0].data_source == "math_dapo_cispo_cold_start_model"
+
+
+def test_jsonl_flat_and_verl_rows_and_n(tmp_path):
+    f = tmp_path / "d.jsonl"
+    rows = [{"prompt": "1+1", "answer": 2},
+            {"prompt": [{"role": "user", "content": "2+2"}], "reward_model": {"ground_truth": "4"}, "data_source": "x",
+             "extra_info": {"id": 7}},
+            {"prompt": "3+3", "ground_truth": "6"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ex = load_examples(str(f))
+    assert [e.ground_truth for e in ex] == ["2", "4", "6"]
+    assert ex[0].prompt == [{"role": "user", "content": "1+1"}] and ex[0].data_source == "unknown"
+    assert ex[1].data_source == "x" and ex[1].extra == {"id": 7}
+    assert [e.ground_truth for e in load_examples(str(f), n=2)] == ["2", "4"]
+
+
+def test_synthetic_spec_delegates_to_tasks():
+    train = load_examples("synthetic:addition", n=4, seed=0, split="train")
+    val = load_examples("synthetic:addition", n=4, seed=0, split="val")
+    assert len(train) == 4 and all(e.data_source == "synthetic/addition" for e in train)
+    assert {e.prompt[0]["content"] for e in train}.isdisjoint(e.prompt[0]["content"] for e in val)
+
+
+@pytest.mark.parametrize("row,msg", [
+    ({"prompt": 5, "answer": 1}, "'prompt' must be"),
+    ({"prompt": [], "answer": 1}, "'prompt' must be"),
+    ({"prompt": [{"role": "user"}], "answer": 1}, "'role' and 'content'"),
+    ({"prompt": "hi"}, "no ground truth"),
+    ({"prompt": "hi", "reward_model": {"ground_truth": ["a"]}}, "no ground truth"),
+    ({"prompt": "hi", "answer": 1, "data_source": 3}, "'data_source' must be a string"),
+    ([1, 2], "expected an object"),
+])
+def test_malformed_rows_name_file_and_row(tmp_path, row, msg):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"prompt": "ok", "answer": 1}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=rf"bad\.jsonl: row 1: .*{msg}"):
+        load_examples(str(f))
+
+
+def test_malformed_parquet_row_names_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": [{"role": "user", "content": "a"}], "answer": "1"},
+                                         {"prompt": [{"role": "user", "content": "b"}], "answer": None}]), f)
+    with pytest.raises(ValueError, match=r"bad\.parquet: row 1: no ground truth"):
+        load_examples(str(f))
+    assert len(load_examples(str(f), n=1)) == 1  # n limits the rows read
+
+
+def test_bad_files_and_specs(tmp_path):
+    f = tmp_path / "broken.jsonl"
+    f.write_text('{"prompt": "a", "answer": 1}\n{not json\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl: row 1 \(line 2\) is not valid JSON"):
+        load_examples(str(f))
+    with pytest.raises(ValueError, match="not found"):
+        load_examples(str(tmp_path / "nope.parquet"))
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"junk\.parquet: cannot read as parquet"):
+        load_examples(str(tmp_path / "junk.parquet"))
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported data file"):
+        load_examples(str(tmp_path / "d.csv"))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        load_examples(str(f), n=0)
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        load_examples("synthetic:nope", n=2)

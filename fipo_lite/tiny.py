@@ -184,11 +184,14 @@ def build_tiny(model_cfg, log=None) -> Path:
     log(f"[tiny] building the tiny model in {out} (once; cached afterwards)")
     t0 = time.time()
     tok = build_tokenizer()
-    model = new_model(tok, seed=tiny_cfg.seed, hidden_size=tiny_cfg.hidden_size, num_layers=tiny_cfg.num_layers,
-                      num_heads=tiny_cfg.num_heads, num_kv_heads=tiny_cfg.num_kv_heads,
-                      intermediate_size=tiny_cfg.intermediate_size)
-    if tiny_cfg.warm_start_steps > 0:
-        warm_start(model, tok, tiny_cfg, log=log)
+    # The build seeds and draws from torch's global RNG; keep the caller's RNG untouched, so a run
+    # that builds the model and a run that finds it cached continue identically.
+    with torch.random.fork_rng(devices=[]):
+        model = new_model(tok, seed=tiny_cfg.seed, hidden_size=tiny_cfg.hidden_size, num_layers=tiny_cfg.num_layers,
+                          num_heads=tiny_cfg.num_heads, num_kv_heads=tiny_cfg.num_kv_heads,
+                          intermediate_size=tiny_cfg.intermediate_size)
+        if tiny_cfg.warm_start_steps > 0:
+            warm_start(model, tok, tiny_cfg, log=log)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=root))
     try:
         model.save_pretrained(tmp)

@@ -107,3 +107,14 @@ def test_classify_form_rejects_malformed_and_bad_names():
         tasks.make_examples("subtraction", 3, seed=0)
     with pytest.raises(ValueError, match="form"):
         tasks.format_response(1, 2, "long")
+
+
+def test_building_does_not_disturb_the_callers_rng(tmp_path):
+    """A run that builds the tiny model must continue exactly like a run that finds it cached."""
+    torch.manual_seed(123)
+    build_tiny(_cfg(tmp_path / "fresh"), log=lambda msg: None)
+    after_build = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny(_cfg(tmp_path / "fresh"), log=lambda msg: None)  # cached now
+    after_cache = torch.rand(3)
+    assert torch.equal(after_build, after_cache)

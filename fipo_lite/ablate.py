@@ -15,7 +15,9 @@ An ablation file:
     out_dir: results/ablations/tau     # optional (default results/ablations/NAME)
 
 Each run is a subprocess writing RUNS_DIR/VARIANT/seed_S; a run whose metrics.jsonl already
-reaches its last step is skipped, so an interrupted ablation resumes where it stopped.
+reaches its last step is skipped, so an interrupted ablation resumes where it stopped. Runs go one
+at a time by default (on a small CPU box parallel runs only slow each other down); a failed run is
+reported at the end and the others still run.
 """
 
 from __future__ import annotations
@@ -110,21 +112,59 @@ def is_complete(out: Path, total_steps: int) -> bool:
 
 
 def _run_one(ab: Ablation, variant: str, seed: int, total_steps: int) -> dict:
+    """Train one variant x seed unless its metrics already reach the last step. The wall time is that of
+    the attempt that finished the run (the shipped grids save no checkpoints, so a retry starts over)."""
     out = run_dir(ab, variant, seed)
     info_file = out / "ablation_run.json"
-    if is_complete(out, total_steps) and info_file.is_file():
-        return {**json.loads(info_file.read_text()), "skipped": True}
+    prev = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if is_complete(out, total_steps):
+        if prev.get("returncode") == 0:
+            return {**prev, "skipped": True}
+        # finished outside this runner (or it died before writing its record): keep it, wall time unknown
+        return {"variant": variant, "seed": seed, "wall_s": float("nan"), "returncode": 0, "skipped": True}
     out.mkdir(parents=True, exist_ok=True)
     cmd = train_command(ab, variant, seed)
     print(f"[ablate] {ab.name}/{variant}/seed_{seed}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     t0 = time.time()
     with open(out / "train.log", "a") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    info = {"variant": variant, "seed": seed, "wall_s": time.time() - t0, "returncode": proc.returncode, "command": shlex.join(cmd)}
+    info = {"variant": variant, "seed": seed, "wall_s": time.time() - t0, "returncode": proc.returncode,
+            "command": shlex.join(cmd)}
+    info_file.write_text(json.dumps(info, indent=1))
     if proc.returncode != 0:
         raise RuntimeError(f"{ab.name}/{variant}/seed_{seed} failed (exit {proc.returncode}); see {out / 'train.log'}")
-    info_file.write_text(json.dumps(info, indent=1))
+    if not is_complete(out, total_steps):
+        raise RuntimeError(f"{ab.name}/{variant}/seed_{seed} exited 0 but {out / 'metrics.jsonl'} stops before step {total_steps}")
     return {**info, "skipped": False}
+
+
+def _run_all(ab: Ablation, tasks: list[tuple[str, int]], totals: dict[str, int], jobs: int) -> tuple[dict, list[str]]:
+    """Every task, in order (jobs=1) or `jobs` at a time. A failed run does not stop the others; Ctrl-C does."""
+    infos, failures = {}, []
+
+    def one(task):
+        try:
+            return task, _run_one(ab, task[0], task[1], totals[task[0]]), None
+        except RuntimeError as e:
+            return task, None, str(e)
+
+    if jobs <= 1:
+        outcomes = (one(t) for t in tasks)  # lazy: an interrupt leaves the later runs unstarted
+        pool = None
+    else:
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        outcomes = pool.map(one, tasks)
+    try:
+        for task, info, err in outcomes:
+            if err:
+                print(f"[ablate] {err}", file=sys.stderr, flush=True)
+                failures.append(err)
+            else:
+                infos[task] = info
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: queued runs never start
+    return infos, failures
 
 
 def run_summary(out: Path, wall_s: float) -> dict:
@@ -154,15 +194,16 @@ COLUMNS = [("peak_val_acc", "peak val avg@k", "{:.3f}"), ("final_val_acc", "fina
            ("wall_s", "wall time (s)", "{:.0f}")]
 
 
-def _mean_spread(values: list[float], fmt: str) -> str:
+def _mean_spread(values: list[float], fmt: str, missing: str = "n/a") -> str:
+    """'mean ± stdev' over seeds; nan values (a threshold never reached, nothing logged) are counted apart."""
     finite = [v for v in values if v == v]
     if not finite:
-        return "never" if values else "-"
+        return missing if values else "-"
     text = fmt.format(statistics.mean(finite))
     if len(finite) > 1:
         text += " ± " + fmt.format(statistics.stdev(finite))
     if len(finite) < len(values):
-        text += f" ({len(values) - len(finite)} never)"
+        text += f" ({len(values) - len(finite)} {missing})"
     return text
 
 
@@ -170,7 +211,7 @@ def table(ab: Ablation, summaries: dict[str, list[dict]]) -> str:
     lines = [f"| variant | overrides | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
     for variant, rows in summaries.items():
-        cells = [_mean_spread([r[key] for r in rows], fmt) for key, _, fmt in COLUMNS]
+        cells = [_mean_spread([r[key] for r in rows], fmt, "never" if key.endswith("_to_90") else "n/a") for key, _, fmt in COLUMNS]
         lines.append(f"| {variant} | `{' '.join(ab.variants[variant])}` | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -189,30 +230,40 @@ def run_ablation(ab: Ablation, *, jobs: int = 1, dry_run: bool = False) -> dict:
         for v, s in tasks:
             print(shlex.join(train_command(ab, v, s)))
         return {}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        infos = list(pool.map(lambda vs: _run_one(ab, vs[0], vs[1], totals[vs[0]]), tasks))
-    summaries: dict[str, list[dict]] = {v: [] for v in ab.variants}
-    for (v, s), info in zip(tasks, infos):
-        summaries[v].append({"seed": s, **run_summary(run_dir(ab, v, s), info["wall_s"])})
+    infos, failures = _run_all(ab, tasks, totals, jobs)
+    summaries: dict[str, list[dict]] = {}
+    for (v, s), info in infos.items():
+        summaries.setdefault(v, []).append({"seed": s, **run_summary(run_dir(ab, v, s), info["wall_s"])})
     ab.out_dir.mkdir(parents=True, exist_ok=True)
     md = [f"# Ablation: {ab.name}", "", ab.description, "",
           f"Base config `{ab.base}`; common overrides `{' '.join(ab.common)}`; seeds {ab.seeds}. "
-          "Mean ± standard deviation over seeds; val avg@k is the held-out accuracy.", "",
-          table(ab, summaries), "", "Reproduce (finished runs are skipped):", "",
+          "Mean ± standard deviation over seeds; val avg@k is the held-out accuracy; wall time is "
+          "that of the attempt that finished each run.", "",
+          table(ab, summaries), ""]
+    if failures:
+        md += ["**Failed runs** (left out of the table; rerun the same command to retry them):", ""]
+        md += [f"- {f}" for f in failures] + [""]
+    md += ["Reproduce (finished runs are skipped):", "",
           "    " + shlex.join(["python", "-m", "fipo_lite", "ablate", ab.source, "--seeds", ",".join(map(str, ab.seeds))]), ""]
     (ab.out_dir / "table.md").write_text("\n".join(md))
-    (ab.out_dir / "summary.json").write_text(json.dumps(summaries, indent=1))
-    _plots(ab)
+    (ab.out_dir / "summary.json").write_text(json.dumps({**summaries, **({"_failed": failures} if failures else {})}, indent=1))
+    _plots(ab, done=set(infos))
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(tasks)} runs failed (table of the others: {ab.out_dir / 'table.md'}):\n"
+                           + "\n".join(failures))
     return summaries
 
 
-def _plots(ab: Ablation) -> None:
+def _plots(ab: Ablation, done: set[tuple[str, int]]) -> None:
+    """Overlay of every variant for the first seed (seeds differ little; one figure stays readable)."""
     import matplotlib.pyplot as plt
 
     from .plots import load_run, make_figure
 
-    for seed in ab.seeds[:1] if len(ab.seeds) else []:
-        runs = [load_run(run_dir(ab, v, seed), name=v) for v in ab.variants]
+    for seed in ab.seeds[:1]:
+        runs = [load_run(run_dir(ab, v, seed), name=v) for v in ab.variants if (v, seed) in done]
+        if not runs:
+            continue
         fig = make_figure(runs, title=f"{ab.name} (seed {seed})")
         fig.savefig(ab.out_dir / f"{ab.name}_seed{seed}.png", dpi=90)
         plt.close(fig)
@@ -228,11 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ab = load_ablation(args.file)
         if args.seeds:
-            ab.seeds = [int(s) for s in args.seeds.split(",")]
+            try:
+                ab.seeds = [int(s) for s in args.seeds.split(",")]
+            except ValueError:
+                raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
         summaries = run_ablation(ab, jobs=args.jobs, dry_run=args.dry_run)
-    except (ValueError, RuntimeError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # some runs failed; the others are tabulated
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if summaries:
         print((ab.out_dir / "table.md").read_text())
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +56,11 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         import yaml
 
         config = yaml.safe_load(cfg_file.read_text()) or {}
-    if name is None:
-        mode = config.get("algorithm", {}).get("loss_mode")
-        name = f"{f.parent.name} ({mode})" if mode and mode not in f.parent.name else f.parent.name
+    if name is None:  # ablation runs live in VARIANT/seed_S: name them by both
+        d = f.parent.resolve()
+        name = f"{d.parent.name}/{d.name}" if re.fullmatch(r"seed_\d+", d.name) else d.name
+        mode = (config.get("algorithm") or {}).get("loss_mode")
+        name = f"{name} ({mode})" if mode and mode not in name else name
     return Run(name, rows, config)
 
 
@@ -88,30 +91,59 @@ ACC_PANEL = "Accuracy vs mean response length"
 LINESTYLES = ["-", "--", ":", "-."]
 
 
-def _accuracy_points(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(steps, mean length, accuracy, label): evaluation rows when there are any, else training rows."""
-    for acc_key, len_key, label in ((M.VAL_AVG, M.VAL_LENGTH, "val avg@k"), (M.ACCURACY, M.LENGTH["mean"], "train accuracy")):
+ACC_SOURCES = {"val": (M.VAL_AVG, M.VAL_LENGTH, "val avg@k"), "train": (M.ACCURACY, M.LENGTH["mean"], "train accuracy")}
+MIN_FIT_POINTS = 3  # two points always fit a line exactly (R² = 1), which says nothing
+
+
+def _accuracy_points(run: Run, source: str = "auto", min_points: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(steps, mean length, accuracy, label) from evaluation rows ("val"), per-step training rows ("train"),
+    or ("auto") evaluation rows when there are at least `min_points` of them, else training rows."""
+    if source not in ("auto", *ACC_SOURCES):
+        raise ValueError(f"accuracy source must be auto, val or train, got {source!r}")
+    found = []
+    for name in (["val", "train"] if source == "auto" else [source]):
+        acc_key, len_key, label = ACC_SOURCES[name]
         rows = [r for r in run.rows if isinstance(r.get(acc_key), (int, float)) and isinstance(r.get(len_key), (int, float))]
+        pts = (np.array([r[M.STEP] for r in rows], float), np.array([r[len_key] for r in rows], float),
+               np.array([r[acc_key] for r in rows], float), label)
+        if len(rows) >= min_points:
+            return pts
         if len(rows) >= 2:
-            return (np.array([r[M.STEP] for r in rows], float), np.array([r[len_key] for r in rows], float),
-                    np.array([r[acc_key] for r in rows], float), label)
-    return np.array([]), np.array([]), np.array([]), ""
+            found.append(pts)
+    return found[0] if found else (np.array([]), np.array([]), np.array([]), "")
 
 
-def stage_fits(steps, x, y, boundaries) -> list[dict]:
-    """Least-squares line of y on x inside each stage [b_i, b_{i+1}); slope, intercept and R²."""
+def accuracy_fits(run: Run, stages: list[float] | None = None, n_stages: int = 3, source: str = "auto") -> list[dict]:
+    """Per-stage accuracy-vs-length fits of one run: user boundaries, or the run split evenly into n_stages.
+    "auto" uses evaluation rows if there are enough for MIN_FIT_POINTS per stage, else the per-step training accuracy."""
+    n = len(stages) - 1 if stages else n_stages
+    steps, x, y, _ = _accuracy_points(run, source, min_points=MIN_FIT_POINTS * max(n, 1))
+    if not len(steps):
+        return []
+    bounds = list(stages) if stages else list(np.linspace(steps.min(), steps.max(), n_stages + 1))
+    return stage_fits(steps, x, y, bounds)
+
+
+def stage_fits(steps, x, y, boundaries, min_points: int = MIN_FIT_POINTS) -> list[dict]:
+    """Least-squares line of y on x inside each stage [b_i, b_{i+1}) (last stage closed); slope, intercept, R².
+    Stages with fewer than min_points points or no spread in length are skipped; R² is nan when y is constant."""
     fits = []
     for i, (lo, hi) in enumerate(zip(boundaries[:-1], boundaries[1:])):
         last = i == len(boundaries) - 2
         sel = (steps >= lo) & ((steps <= hi) if last else (steps < hi))
-        if sel.sum() < 2 or np.ptp(x[sel]) == 0:
+        if sel.sum() < min_points or np.ptp(x[sel]) == 0:
             continue
         slope, intercept = np.polyfit(x[sel], y[sel], 1)
         pred = slope * x[sel] + intercept
         ss_res, ss_tot = float(((y[sel] - pred) ** 2).sum()), float(((y[sel] - y[sel].mean()) ** 2).sum())
-        fits.append({"stage": i + 1, "lo": lo, "hi": hi, "slope": float(slope), "intercept": float(intercept),
-                     "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0, "x": x[sel]})
+        fits.append({"stage": i + 1, "lo": float(lo), "hi": float(hi), "n": int(sel.sum()), "slope": float(slope),
+                     "intercept": float(intercept), "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"), "x": x[sel]})
     return fits
+
+
+def _width(i: int, n: int) -> float:
+    """Later runs are drawn thinner on top, so a run hidden under an identical one still shows at its edges."""
+    return 1.6 if n == 1 else 2.6 - 1.6 * i / (n - 1)
 
 
 def _note(ax, text: str) -> None:
@@ -123,7 +155,7 @@ def _note(ax, text: str) -> None:
 
 
 def make_figure(runs: list[Run], *, smooth_window: int = 1, stages: list[float] | None = None, n_stages: int = 3,
-                title: str | None = None):
+                accuracy: str = "auto", title: str | None = None):
     """The whole dashboard as a matplotlib Figure (5 x 3 panels)."""
     if not runs:
         raise ValueError("no runs to plot")
@@ -134,7 +166,7 @@ def make_figure(runs: list[Run], *, smooth_window: int = 1, stages: list[float] 
     last_step = max(r[M.STEP] for run in runs for r in run.rows)
     for ax, panel in zip(flat, panels):
         if panel is None:
-            _accuracy_panel(ax, runs, colors, stages, n_stages)
+            _accuracy_panel(ax, runs, colors, stages, n_stages, accuracy)
             continue
         name, unit, keys = panel
         ax.set_title(name, fontsize=11)
@@ -149,7 +181,7 @@ def make_figure(runs: list[Run], *, smooth_window: int = 1, stages: list[float] 
                     missing.append(f"{run.name}: {key}")
                     continue
                 label = run.name if sub is None else f"{run.name}, {sub}"
-                ax.plot(s, smooth(v, smooth_window), color=colors[i % len(colors)], ls=LINESTYLES[j % 4], lw=1.6, label=label)
+                ax.plot(s, smooth(v, smooth_window), color=colors[i % len(colors)], ls=LINESTYLES[j % 4], lw=_width(i, len(runs)), label=label)
         if missing:
             hint = " (dapo/grpo runs have no influence weights)" if "influence" in keys[0][0] else ""
             lacking = sorted({m.split(": ")[0] for m in missing})
@@ -161,35 +193,47 @@ def make_figure(runs: list[Run], *, smooth_window: int = 1, stages: list[float] 
         if len(keys) > 1 and ax.lines:
             ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=colors[i % len(colors)], lw=2, label=run.name) for i, run in enumerate(runs)]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 4), fontsize=11, frameon=False)
+    handles = [plt.Line2D([], [], color=colors[i % len(colors)], lw=_width(i, len(runs)) + 0.5, label=run.name) for i, run in enumerate(runs)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 6), fontsize=11, frameon=False)
     if title:
         fig.suptitle(title, fontsize=13)
     return fig
 
 
-def _accuracy_panel(ax, runs, colors, stages, n_stages) -> None:
+def _accuracy_panel(ax, runs, colors, stages, n_stages, accuracy) -> None:
     ax.set_title(ACC_PANEL, fontsize=11)
     ax.set_xlabel("mean response length (tokens)")
     ax.set_ylabel("accuracy")
-    any_points = False
+    any_points, table, sources = False, [], set()
     for i, run in enumerate(runs):
-        steps, x, y, label = _accuracy_points(run)
+        n = len(stages) - 1 if stages else n_stages
+        steps, x, y, label = _accuracy_points(run, accuracy, min_points=MIN_FIT_POINTS * max(n, 1))
         if not len(steps):
             continue
         any_points = True
+        sources.add(label)
         c = colors[i % len(colors)]
         ax.scatter(x, y, s=14, color=c, label=f"{run.name} ({label})" if len(runs) <= 2 else None)
-        bounds = list(stages) if stages else list(np.linspace(steps.min(), steps.max(), n_stages + 1))
-        for fit in stage_fits(steps, x, y, bounds):
+        fits = accuracy_fits(run, stages, n_stages, accuracy)
+        for fit in fits:
             xs = np.linspace(fit["x"].min(), fit["x"].max(), 2)
-            label = (f"stage {fit['stage']} (steps {fit['lo']:.0f}-{fit['hi']:.0f}): slope {fit['slope']:.3g}/token, R² {fit['r2']:.2f}"
-                     if len(runs) <= 2 else None)  # with many runs the fits are drawn, not listed
+            label = (f"stage {fit['stage']} (steps {fit['lo']:.0f}-{fit['hi']:.0f}): slope {fit['slope']:.3g}/token, R² {fit['r2']:.2f} (n={fit['n']})"
+                     if len(runs) <= 2 else None)
             ax.plot(xs, fit["slope"] * xs + fit["intercept"], color=c, lw=1.2, ls=LINESTYLES[(fit["stage"] - 1) % 4], label=label)
+        if fits and len(runs) > 2:  # a legend per stage would cover the data: one compact line per run instead
+            table.append((c, f"{run.name}: " + "  ".join(f"{f['slope']:.3f} ({f['r2']:.2f})" for f in fits)))
+    if sources:
+        ax.set_ylabel(f"accuracy ({', '.join(sorted(sources))})")
     if not any_points:
         _note(ax, f"no data: need >= 2 rows with {M.VAL_AVG} or {M.ACCURACY}")
     elif ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6.5, loc="lower right")
+    if table:
+        table.insert(0, ("0.3", "accuracy / token (R²) per stage"))
+    for k, (c, text) in enumerate(table):  # upper left: accuracy grows with length, so that corner is usually empty
+        t = ax.text(0.02, 0.97 - 0.055 * k, text, transform=ax.transAxes, fontsize=6.5, color=c, va="top",
+                    bbox=dict(facecolor="white", alpha=0.7, lw=0, pad=0.5))
+        t.set_in_layout(False)
     ax.grid(alpha=0.3)
 
 
@@ -201,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (1: none)")
     ap.add_argument("--stages", default=None, help="stage boundaries in steps for the accuracy-length fits, e.g. 0,20,40")
     ap.add_argument("--n-stages", type=int, default=3, help="split the run evenly into N stages (without --stages)")
+    ap.add_argument("--accuracy", choices=["auto", "val", "train"], default="auto",
+                    help="accuracy-length panel: eval rows, per-step train accuracy, or auto (eval rows if >= 3 per stage)")
     ap.add_argument("--title", default=None)
     args = ap.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [None] * len(args.runs)
@@ -208,16 +254,25 @@ def main(argv: list[str] | None = None) -> int:
         if len(labels) != len(args.runs):
             raise ValueError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
         runs = [load_run(r, name) for r, name in zip(args.runs, labels)]
-        stages = [float(s) for s in args.stages.split(",")] if args.stages else None
+        try:
+            stages = [float(s) for s in args.stages.split(",")] if args.stages else None
+        except ValueError:
+            raise ValueError(f"--stages must be comma-separated step numbers, e.g. 0,20,40; got {args.stages!r}") from None
         if stages is not None and (len(stages) < 2 or stages != sorted(stages)):
             raise ValueError("--stages needs at least two increasing step boundaries, e.g. 0,20,40")
+        if args.n_stages < 1:
+            raise ValueError(f"--n-stages must be >= 1, got {args.n_stages}")
+        if args.smooth < 1:
+            raise ValueError(f"--smooth must be >= 1 (1: no smoothing), got {args.smooth}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fig = make_figure(runs, smooth_window=args.smooth, stages=stages, n_stages=args.n_stages, title=args.title)
+    fig = make_figure(runs, smooth_window=args.smooth, stages=stages, n_stages=args.n_stages, accuracy=args.accuracy, title=args.title)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    print(json.dumps({"wrote": str(out), "runs": [r.name for r in runs]}))
+    fits = {r.name: [{k: f[k] for k in ("stage", "lo", "hi", "n", "slope", "r2")} for f in accuracy_fits(r, stages, args.n_stages, args.accuracy)]
+            for r in runs}
+    print(json.dumps({"wrote": str(out), "runs": [r.name for r in runs], "accuracy_length_fits": fits}))
     return 0

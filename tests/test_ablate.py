@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import textwrap
@@ -12,11 +13,14 @@ import pytest
 from fipo_lite import ablate
 
 FAKE_TRAIN = textwrap.dedent('''
-    import json, sys, pathlib
+    import json, os, sys, pathlib
     args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
     out = pathlib.Path(args["output_dir"]); out.mkdir(parents=True, exist_ok=True)
     seed, tau, steps = int(args["seed"]), float(args.get("algorithm.tau", 32)), int(args["trainer.total_steps"])
     with open(out / "calls.txt", "a") as f: f.write("x")
+    if os.environ.get("FAKE_FAIL") and args["output_dir"].endswith(os.environ["FAKE_FAIL"]):
+        (out / "metrics.jsonl").write_text('{"step": 0}\\n')
+        sys.exit(3)
     rows = []
     for s in range(steps + 1):
         r = {"step": s}
@@ -110,3 +114,57 @@ def test_shipped_grids_validate(name, monkeypatch):
     assert len(ab.variants) >= 2 and ab.seeds
     for v in ab.variants:
         ablate.load_config(ab.base, ablate.overrides(ab, v, ab.seeds[0]))
+
+
+def test_a_failed_run_does_not_stop_the_others(grid, monkeypatch, capsys):
+    f, tmp = grid
+    monkeypatch.chdir(ablate.Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("FAKE_FAIL", "t8/seed_0")
+    assert ablate.main([str(f)]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 4 runs failed" in err and "taus/t8/seed_0 failed (exit 3)" in err
+    summary = json.loads((tmp / "out" / "summary.json").read_text())
+    assert [r["seed"] for r in summary["t8"]] == [1] and [r["seed"] for r in summary["t256"]] == [0, 1]
+    md = (tmp / "out" / "table.md").read_text()
+    assert "| t8 | `algorithm.tau=8` | 1 |" in md and "**Failed runs**" in md
+    # fixed: only the failed run is redone
+    monkeypatch.delenv("FAKE_FAIL")
+    assert ablate.main([str(f), "--jobs", "2"]) == 0
+    calls = {d: (tmp / "runs" / d / "calls.txt").read_text() for d in ("t8/seed_0", "t8/seed_1", "t256/seed_0", "t256/seed_1")}
+    assert calls == {"t8/seed_0": "xx", "t8/seed_1": "x", "t256/seed_0": "x", "t256/seed_1": "x"}
+    assert "**Failed runs**" not in (tmp / "out" / "table.md").read_text()
+
+
+def test_interrupt_stops_the_grid(grid, monkeypatch):
+    f, tmp = grid
+    calls = []
+
+    def interrupted(ab, variant, seed, total):
+        calls.append((variant, seed))
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(ablate.Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(ablate, "_run_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.main([str(f)])
+    assert calls == [("t8", 0)]  # the later runs never started
+
+
+def test_finished_run_without_runner_record_is_kept(grid, monkeypatch):
+    f, tmp = grid
+    monkeypatch.chdir(ablate.Path(__file__).resolve().parents[1])
+    assert ablate.main([str(f)]) == 0
+    (tmp / "runs" / "t8" / "seed_0" / "ablation_run.json").unlink()  # e.g. trained by hand into the same dir
+    assert ablate.main([str(f)]) == 0
+    assert (tmp / "runs" / "t8" / "seed_0" / "calls.txt").read_text() == "x"
+    rows = json.loads((tmp / "out" / "summary.json").read_text())["t8"]
+    assert math.isnan(rows[0]["wall_s"]) and rows[1]["wall_s"] > 0
+    assert " (1 n/a) |" in (tmp / "out" / "table.md").read_text()
+
+
+def test_bad_command_line_values(grid, capsys):
+    f, _ = grid
+    assert ablate.main([str(f), "--seeds", "0,a"]) == 2
+    assert "--seeds must be comma-separated integers" in capsys.readouterr().err
+    assert ablate.main([str(f), "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err

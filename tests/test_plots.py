@@ -104,3 +104,53 @@ def test_cli_errors(tmp_path, capsys):
     a = _write_run(tmp_path / "a")
     assert plots.main([str(a), "--labels", "x,y"]) == 2
     assert "--labels has 2 names for 1 runs" in capsys.readouterr().err
+
+
+def test_ablation_runs_are_named_by_variant_and_seed(tmp_path):
+    run = plots.load_run(_write_run(tmp_path / "tau8" / "seed_1", "fipo"))
+    assert run.name == "tau8/seed_1 (fipo)"
+    assert plots.load_run(_write_run(tmp_path / "dapo" / "seed_0", "dapo")).name == "dapo/seed_0"
+
+
+def test_accuracy_source_auto_falls_back_to_train_rows(tmp_path):
+    # 13 steps evaluated every 6: 3 eval points, too few for 3 points in each of 3 stages -> per-step train accuracy
+    sparse = plots.load_run(_write_run(tmp_path / "sparse", steps=12, eval_every=6))
+    fits = plots.accuracy_fits(sparse, n_stages=3)
+    assert [f["n"] for f in fits] == [4, 4, 4]  # train rows at steps 1..12, split at 1, 4.67, 8.33, 12
+    for f in fits:  # train accuracy 0.05 s against mean length 10 + 2 s: slope 0.025 per token
+        assert f["slope"] == pytest.approx(0.025) and f["r2"] == pytest.approx(1.0)
+    ax = _ax(plots.make_figure([sparse]), plots.ACC_PANEL)
+    assert ax.get_ylabel() == "accuracy (train accuracy)"
+    # forcing the 3 eval rows: one stage of 3 points gets a fit, two stages of 2 or fewer do not
+    assert len(plots.accuracy_fits(sparse, stages=[0, 12], source="val")) == 1
+    assert plots.accuracy_fits(sparse, n_stages=2, source="val") == []
+    with pytest.raises(ValueError, match="accuracy source"):
+        plots.accuracy_fits(sparse, source="test")
+
+
+def test_flat_accuracy_has_undefined_r2():
+    steps = np.arange(6.0)
+    fits = plots.stage_fits(steps, 10 + steps, np.full(6, 0.5), [0, 5])
+    assert fits[0]["slope"] == pytest.approx(0.0) and np.isnan(fits[0]["r2"])
+
+
+def test_many_runs_list_their_fits_in_the_panel(tmp_path):
+    runs = [plots.load_run(_write_run(tmp_path / n, "dapo")) for n in ("r1", "r2", "r3")]
+    ax = _ax(plots.make_figure(runs), plots.ACC_PANEL)
+    assert ax.get_legend() is None  # 3 runs x 3 stages would bury the data
+    texts = [t.get_text() for t in ax.texts]
+    assert texts[0].startswith("accuracy / token")
+    assert texts[1:] == [f"{n} (dapo): " + "  ".join(["0.025 (1.00)"] * 3) for n in ("r1", "r2", "r3")]
+
+
+def test_cli_prints_fits_and_rejects_bad_options(tmp_path, capsys):
+    a = _write_run(tmp_path / "a", steps=30, eval_every=1, slope=0.02)
+    assert plots.main([str(a), "-o", str(tmp_path / "o.png"), "--stages", "0,15,30", "--accuracy", "val"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    fits = out["accuracy_length_fits"]["a (fipo)"]
+    assert [(f["lo"], f["hi"], f["n"]) for f in fits] == [(0, 15, 15), (15, 30, 16)]
+    assert all(f["slope"] == pytest.approx(0.02) for f in fits)
+    for bad, msg in ((["--stages", "0,x"], "--stages must be"), (["--stages", "20,10"], "increasing"),
+                     (["--n-stages", "0"], "--n-stages must be >= 1"), (["--smooth", "0"], "--smooth must be >= 1")):
+        assert plots.main([str(a), "-o", str(tmp_path / "o.png"), *bad]) == 2
+        assert msg in capsys.readouterr().err

@@ -142,6 +142,15 @@ def overlong_penalty(length: int, max_len: int, buffer_len: int, penalty_factor:
 
 
 # ----------------------------------------------------------------------------- worker processes
+def _score_one(name: str, response: str, truth: str) -> tuple[bool, object]:
+    """(True, (score, correct, pred)) or (False, why): any reward failure is a scored failure."""
+    try:
+        score, ok, pred = REWARDS[name](response, truth)
+        return True, (float(score), bool(ok), None if pred is None else str(pred))
+    except Exception as e:  # noqa: BLE001
+        return False, f"{type(e).__name__}: {e}"[:200]
+
+
 def _worker_main(conn) -> None:
     """Child loop: receive a list of (index, reward name, response, truth), send one result per job."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -152,11 +161,7 @@ def _worker_main(conn) -> None:
         except (EOFError, OSError):  # the parent is gone
             return
         for i, name, response, truth in jobs:
-            try:
-                score, ok, pred = REWARDS[name](response, truth)
-                conn.send((i, True, (float(score), bool(ok), None if pred is None else str(pred))))
-            except Exception as e:  # noqa: BLE001 - any reward failure is a scored failure
-                conn.send((i, False, f"{type(e).__name__}: {e}"[:200]))
+            conn.send((i, *_score_one(name, response, truth)))
 
 
 class _Worker:
@@ -254,14 +259,7 @@ class RewardRunner:
         return out
 
     def _score_inline(self, jobs):
-        results = []
-        for _, name, resp, truth in jobs:
-            try:
-                score, ok, pred = REWARDS[name](resp, truth)
-                results.append((True, (float(score), bool(ok), None if pred is None else str(pred))))
-            except Exception as e:  # noqa: BLE001
-                results.append((False, f"{type(e).__name__}: {e}"[:200]))
-        return results
+        return [_score_one(name, resp, truth) for _, name, resp, truth in jobs]
 
     def _score_in_workers(self, jobs):
         """Spread jobs over the workers (strided), collect answers, replace any worker past its deadline."""

@@ -138,6 +138,7 @@ def measure_forms(model, tok, task: str = "addition", n: int = 256, seed: int = 
     """Sample once per val problem; accuracy overall and by answer form, and the share of each form."""
     from .engines.base import SamplingParams
     from .engines.hf import HFEngine
+    from .rewards import exact_reward  # the synthetic task's training reward
     from .tasks import classify_form, make_examples
 
     examples = make_examples(task, n, seed=seed, split="val")
@@ -149,7 +150,7 @@ def measure_forms(model, tok, task: str = "addition", n: int = 256, seed: int = 
     right_all = []
     for form in ("direct", "steps", "other"):
         idx = [i for i, t in enumerate(texts) if classify_form(t) == form]
-        right = [texts[i].strip().endswith(" " + examples[ro.prompt_index[i]].ground_truth) for i in idx]
+        right = [exact_reward(texts[i], examples[ro.prompt_index[i]].ground_truth)[1] for i in idx]
         right_all += right
         stats[f"share/{form}"] = len(idx) / len(texts)
         stats[f"acc/{form}"] = sum(right) / len(right) if right else float("nan")
@@ -223,12 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     path = build_tiny(cfg.model)
     print(path)
     if not args.no_measure:
-        from transformers import AutoModelForCausalLM
+        from .evaluate import load_for_eval
 
-        from .backends.hf import load_tokenizer
-
-        tok = load_tokenizer(str(path))
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model, tok = load_for_eval(str(path), device="cpu")
         stats = measure_forms(model, tok, cfg.model.tiny.task, n=cfg.data.val_size or 256, seed=cfg.seed,
                               max_new_tokens=cfg.rollout.max_new_tokens)
         print(json.dumps(stats, indent=1))

@@ -208,7 +208,7 @@ def _mean_spread(values: list[float], fmt: str, missing: str = "n/a") -> str:
 
 
 def table(ab: Ablation, summaries: dict[str, list[dict]]) -> str:
-    lines = [f"| variant | overrides | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |",
+    lines = ["| variant | overrides | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
     for variant, rows in summaries.items():
         cells = [_mean_spread([r[key] for r in rows], fmt, "never" if key.endswith("_to_90") else "n/a") for key, _, fmt in COLUMNS]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .future_kl import STARTS, _future_kl, check_options, check_tensor
+from .future_kl import _future_kl, check_options, check_tensor
 
 MODES = ("fipo", "dapo", "grpo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")

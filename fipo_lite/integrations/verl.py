@@ -152,7 +152,7 @@ def launcher_overrides(cfg, target: str = "stock") -> list[str]:
     clip_high = a.clip_high if a.clip_high is not None else 0.28
     actor = "actor_rollout_ref.actor"
     out = [
-        f"algorithm.adv_estimator=grpo", f"algorithm.norm_adv_by_std_in_grpo={a.norm_adv_by_std}",
+        "algorithm.adv_estimator=grpo", f"algorithm.norm_adv_by_std_in_grpo={a.norm_adv_by_std}",
         f"{actor}.policy_loss.loss_mode={NAME}", f"{actor}.clip_ratio_low={a.clip_low}", f"{actor}.clip_ratio_high={clip_high}",
         f"{actor}.clip_ratio_c={a.dual_clip_c}", f"{actor}.loss_agg_mode={a.loss_agg_mode or 'token-mean'}",
         f"{actor}.ppo_mini_batch_size={t.ppo_mini_batch_size}", f"{actor}.ppo_epochs={t.ppo_epochs}",

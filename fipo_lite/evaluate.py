@@ -71,7 +71,7 @@ def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParam
     if params.n < k:
         raise ValueError(f"need at least k={k} samples per problem, got params.n={params.n}")
     if prompt_ids is None:
-        prompt_ids = [tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True) for e in examples]
+        prompt_ids = [tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for e in examples]
     ro = engine.generate(prompt_ids, params)
     texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
     ex = [examples[i] for i in ro.prompt_index]
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
             base, adapter = resolve_model(args.model)
             tok = load_tokenizer(base)
-            prompt_ids = [tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True) for e in examples]
+            prompt_ids = [tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for e in examples]
             engine = vllm_engine_for_eval(base, adapter, tok, max(len(p) for p in prompt_ids), args)
         else:
             from .engines.hf import HFEngine

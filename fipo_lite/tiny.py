@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
-BUILD_VERSION = 1  # bump when the tokenizer, task format or training recipe changes
+BUILD_VERSION = 2  # bump when the tokenizer, task format or training recipe changes
 PAD, BOS, EOS, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"
 CHARS = "0123456789+-*/=()[]{}<>,.:;!?'\"\\_^| \n" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# transformers' Qwen2 pre-tokenizer split (tokenization_qwen2.PRETOKENIZE_REGEX)
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -36,14 +38,25 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer():
-    """A character-level fast tokenizer with a Qwen-style ChatML chat template (vocab < 128)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level fast tokenizer with a Qwen-style ChatML chat template (vocab < 128).
+
+    It is a byte-level BPE without merges, built with the very pipeline of transformers' Qwen2
+    tokenizer (NFC, Qwen's split regex, byte-level mapping), so the saved directory encodes the same
+    ids whichever class loads it: transformers 4.x reads tokenizer.json as it is, while 5.x (and
+    vLLM through it) rebuilds a `Qwen2Tokenizer` from the vocab because config.json says qwen2. Every
+    character of CHARS is one byte, so its id is its position in the list, as in BUILD_VERSION 1.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *CHARS])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
+    byte_char = _bytes_to_unicode()
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *(byte_char[ch] for ch in CHARS)])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK, continuing_subword_prefix="", end_of_word_suffix="",
+                                fuse_unk=False, byte_fallback=False))
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK,
         additional_special_tokens=[BOS], padding_side="left", clean_up_tokenization_spaces=False,
@@ -51,6 +64,18 @@ def build_tokenizer():
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def _bytes_to_unicode() -> dict[str, str]:
+    """GPT-2's byte -> printable character table (what the byte-level pre-tokenizer emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(b): chr(c) for b, c in zip(bs, cs)}
 
 
 def new_model(tok, *, seed: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, intermediate_size: int):
@@ -88,7 +113,7 @@ def _sft_batch(tok, examples, forms, device):
 
     seqs, labels = [], []
     for ex, form in zip(examples, forms):
-        p = tok.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True)
+        p = tok.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
         r = tok(format_response(ex.extra["a"], ex.extra["b"], form), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append(p + r)
         labels.append([-100] * len(p) + r)
@@ -142,7 +167,7 @@ def measure_forms(model, tok, task: str = "addition", n: int = 256, seed: int = 
     from .tasks import classify_form, make_examples
 
     examples = make_examples(task, n, seed=seed, split="val")
-    prompts = [tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True) for e in examples]
+    prompts = [tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for e in examples]
     torch.manual_seed(seed)
     ro = HFEngine(model, tok).generate(prompts, SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens))
     texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)

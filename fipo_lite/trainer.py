@@ -79,7 +79,7 @@ class Group:
 def encode_prompts(tokenizer, examples, max_prompt_length: int) -> list[list[int]]:
     ids = []
     for ex in examples:
-        p = tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True)
+        p = tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
         if hasattr(p, "keys"):  # some tokenizers return a BatchEncoding
             p = p["input_ids"]
         if len(p) > max_prompt_length:

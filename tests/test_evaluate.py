@@ -111,7 +111,7 @@ def test_evaluate_command_loads_a_checkpoint_adapter(tiny_model_dir, tmp_path):
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "ckpt" / "adapter")
     model, tok = E.load_for_eval(str(tmp_path / "ckpt"), device="cpu")
-    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "1+2"}], add_generation_prompt=True, tokenize=True)])
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "1+2"}], add_generation_prompt=True, tokenize=True, return_dict=False)])
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-4)

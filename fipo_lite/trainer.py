@@ -185,6 +185,9 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: Di
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     n_updates = 0
+    # Training mode for the update only: transformers checkpoints activations (model.gradient_checkpointing)
+    # and LoRA dropout acts only in training mode; sampling and old log-probs run in eval mode.
+    policy.model.train()
     for _ in range(t.ppo_epochs):
         for m0 in range(0, len(samples), mini):
             mb_samples = samples[m0 : m0 + mini]
@@ -225,6 +228,7 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: Di
                 for k, v in met.items():
                     if k not in ("loss", "kept_tokens", "kept_seqs"):
                         _acc(sums, counts, k, v)
+    policy.model.eval()
     out = {M.ACTOR + k: sums[k] / counts[k] for k in sums if counts[k]}
     out["actor/num_updates"] = n_updates
     return out
@@ -299,6 +303,7 @@ def train(cfg: DictConfig) -> dict:
         stream.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
         start = state["step"]
+        engine.sync(policy)  # the sampler starts from the restored adapter, not from the base model
         # drop metrics of steps after the checkpoint: they are about to be redone
         kept = [row for row in M.read_jsonl(metrics_path) if row.get(M.STEP, 0) <= start] if metrics_path.exists() else []
         metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))

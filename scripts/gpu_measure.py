@@ -119,12 +119,13 @@ def measure_case(name: str, arch: dict, backend: str, dtype: str, device: str, a
 
     engine = HFEngine(model, tok, a.sample_batch)
     sp = SamplingParams(n=a.sample_n, max_new_tokens=a.sample_tokens, temperature=1.0)
-    sample_prompts = prompts[: max(1, a.sample_batch // a.sample_n)]
+    # sample_batch sequences in all: sample_batch / sample_n prompts of their own (not the training micro-batch's)
+    sample_prompts = [torch.randint(3, V, (a.sample_prompt_len,), generator=g).tolist() for _ in range(max(1, a.sample_batch // a.sample_n))]
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     t0 = time.perf_counter()
-    ro = engine.generate([p[: a.sample_prompt_len] for p in sample_prompts], sp)
+    ro = engine.generate(sample_prompts, sp)
     sync(device)
     dt = time.perf_counter() - t0
     sample = dict(seconds=dt, sequences=len(ro), new_tokens=sum(ro.response_lengths), tokens_per_s=sum(ro.response_lengths) / dt)
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     results = dict(torch=torch.__version__, device="cpu", cases=[])
     if a.dry_run:
         a.prompt_len, a.response_len, a.micro_batch, a.chunk, a.warmup, a.iters = 8, 24, 2, 16, 0, 1
-        a.sample_batch, a.sample_n, a.sample_prompt_len, a.sample_tokens = 4, 2, 8, 8
+        a.sample_batch, a.sample_n, a.sample_prompt_len, a.sample_tokens = 8, 2, 8, 8
         a.gpu_gb = a.gpu_gb or 80.0
         cases = {"tiny-fp32": (TINY, "hf", "float32")}
         device = "cpu"

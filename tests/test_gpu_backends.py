@@ -25,6 +25,7 @@ from fipo_lite.engines.base import SamplingParams
 VLLM_LLM_KWARGS = {  # LLM.__init__ parameters + EngineArgs fields it forwards (vllm 0.33.0)
     "model", "tokenizer", "dtype", "seed", "trust_remote_code", "gpu_memory_utilization", "max_model_len", "enable_prefix_caching",
     "tensor_parallel_size", "enable_sleep_mode", "enforce_eager", "max_num_seqs", "enable_lora", "max_lora_rank", "max_loras", "quantization",
+    "logprobs_mode",
 }
 VLLM_SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "max_tokens", "seed", "logprobs", "detokenize"}
 UNSLOTH_FROM_PRETRAINED = {"model_name", "max_seq_length", "dtype", "load_in_4bit", "trust_remote_code", "random_state", "fast_inference",
@@ -43,9 +44,11 @@ def _cfg(*overrides):
 
 # ----------------------------------------------------------------------------- vLLM argument mapping
 def test_vllm_llm_kwargs_follow_config_and_signature():
-    kw = vllm_engine.vllm_llm_kwargs(_cfg("rollout.vllm.gpu_memory_utilization=0.3", "lora.r=32", "rollout.vllm.max_lora_rank=32"), "/m")
+    kw = vllm_engine.vllm_llm_kwargs(_cfg("rollout.vllm.gpu_memory_utilization=0.3", "lora.r=32", "rollout.vllm.max_lora_rank=32"), "/m", cuda=True)
     assert kw["model"] == "/m" and kw["gpu_memory_utilization"] == 0.3 and kw["max_lora_rank"] == 32
     assert kw["enable_lora"] is True and kw["enable_sleep_mode"] is True and kw["max_model_len"] == 2048
+    assert kw["logprobs_mode"] == "processed_logprobs"  # the sampled distribution's log-probs, as the HF engine's
+    assert vllm_engine.vllm_llm_kwargs(_cfg(), "/m", cuda=False)["enable_sleep_mode"] is False  # vLLM's CPU build has no sleep mode
     assert "quantization" not in kw and "enable_lora" not in vllm_engine.vllm_llm_kwargs(_cfg("lora.enable=false"), "/m")
     assert vllm_engine.vllm_llm_kwargs(_cfg("rollout.vllm.quantization=bitsandbytes"), "/m")["quantization"] == "bitsandbytes"
     names = VLLM_LLM_KWARGS
@@ -153,7 +156,8 @@ class SavingPolicy:
         self.saved.append(path)
 
 
-def test_vllm_engine_adapter_handoff_and_sleep(fake_vllm, tiny_model_dir, tmp_path):
+def test_vllm_engine_adapter_handoff_and_sleep(fake_vllm, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(vllm_engine, "_cuda", lambda cuda: True)  # sleep mode is CUDA-only
     cfg = _cfg(f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.vllm.sleep_level=2")
     eng = vllm_engine.VLLMEngine(cfg, tokenizer=None)
     assert eng.llm.kwargs["model"] == str(tiny_model_dir) and eng.llm.kwargs["enable_lora"]
@@ -221,17 +225,21 @@ def test_unsloth_kwargs():
         unsloth_backend.unsloth_from_pretrained_kwargs(_cfg("model.max_seq_length=1024"), "/m")
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and _has("bitsandbytes") and _has("unsloth") and _has("vllm"), reason="GPU stack present")
-def test_gpu_backends_fail_clearly_without_gpu_stack(tmp_path):
+@pytest.mark.parametrize("package,what", [("bitsandbytes", "model.backend=bnb4"), ("unsloth", "model.backend=unsloth"),
+                                          ("vllm", "rollout.engine=vllm")])
+def test_gpu_stack_packages_fail_clearly_when_missing(package, what, tmp_path):
+    """Each package of the gpu extra on its own: a clear error where it is missing, a skip where it is installed."""
+    if _has(package):
+        pytest.skip(f"{package} is installed here")
     from fipo_lite.backends import load_model
     from fipo_lite.trainer import make_optimizer
 
-    for backend in ("bnb4", "unsloth"):
-        with pytest.raises((ImportError, RuntimeError), match=r"gpu extra"):
-            load_model(load_config(None, [f"model.backend={backend}"]))
-    with pytest.raises((ImportError, RuntimeError), match=r"gpu extra"):
-        vllm_engine.VLLMEngine(_cfg(f"output_dir={tmp_path}"), None)
-    if not _has("bitsandbytes"):
+    with pytest.raises(ImportError, match=r"gpu extra"):
+        if package == "vllm":
+            vllm_engine.VLLMEngine(_cfg(f"output_dir={tmp_path}"), None)
+        else:
+            load_model(load_config(None, [what]))
+    if package == "bitsandbytes":
         with pytest.raises(ImportError, match=r"gpu extra"):
             make_optimizer([torch.nn.Parameter(torch.zeros(2))], load_config(None, ["trainer.optimizer=paged_adamw_8bit"]))
 
@@ -249,7 +257,7 @@ def test_gpu_measure_dry_run(tmp_path):
     assert mod.main(["--dry-run", "--out", str(out)]) == 0
     case = json.loads(out.read_text())["cases"][0]
     assert case["train"]["loss_finite"] and case["train"]["tokens_per_s"] > 0
-    assert case["sample"]["sequences"] == 4 and 0 < case["sample"]["new_tokens"] <= 32
+    assert case["sample"]["sequences"] == 8 and 0 < case["sample"]["new_tokens"] <= 64  # --sample-batch sequences, whatever the micro-batch
     assert 0 < case["train"]["predicted_static_gb"] < case["train"]["predicted_peak_gb"]
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):

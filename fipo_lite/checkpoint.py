@@ -168,9 +168,9 @@ def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {d}: refused {STATE_FILE}: it holds more than tensors and plain values "
-                              f"(loading it could run code): {first[:200]}") from None
+        what = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln.upper()), "")  # names the object
+        raise CheckpointError(f"checkpoint {d}: refused {STATE_FILE}: it holds more than tensors and plain values, "
+                              f"so loading it could run code ({what[:200] or type(e).__name__})") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad header, ...
         raise CheckpointError(f"checkpoint {d}: cannot read {STATE_FILE}: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
@@ -202,7 +202,7 @@ def pick(ckpt_root: str | Path) -> tuple[Path, dict[str, Any]] | None:
         return c, state
     if found:
         raise CheckpointError(f"no usable checkpoint in {ckpt_root}: all {len(found)} are damaged (newest: {problems[0]}); "
-                              "trainer.resume=never starts the run over")
+                              "trainer.resume=never starts the run over (deleting them)")
     return None
 
 

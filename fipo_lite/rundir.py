@@ -172,7 +172,8 @@ def open_run(cfg: DictConfig) -> tuple[Path, dict] | None:
     if relevant and not t.allow_config_change:
         raise RunDirError(
             f"{out} was trained with a different config ({path.name}): {_fmt(relevant)}; use another output_dir, "
-            "trainer.resume=never to start over there, or trainer.allow_config_change=true to continue with the change")
+            "trainer.resume=never to start over in it (its checkpoints are deleted), or trainer.allow_config_change=true "
+            "to continue with the change")
     if relevant:
         print(f"[fipo_lite] warning: {out} continues from step {state['step']} with a changed config: {_fmt(relevant)} "
               f"(recorded in {HISTORY_FILE})", file=sys.stderr)

@@ -201,7 +201,7 @@ def test_checkpoint_with_a_pickle_payload_is_refused_and_never_runs(finished, tm
     assert main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), f"output_dir={tmp_path / 'other'}",
                  f"trainer.resume={ckpt}"]) == 2
     err = _err_lines(capsys.readouterr().err)
-    assert len(err) == 1 and "refused" in err[0] and str(ckpt) in err[0], err
+    assert len(err) == 1 and "refused" in err[0] and str(ckpt) in err[0] and "posix.system" in err[0], err
     assert not marker.exists()
 
 
@@ -234,11 +234,19 @@ def test_state_is_saved_as_plain_data(tmp_path):
         checkpoint.plain({"bad": tmp_path})
 
 
-def test_checkpoint_without_manifest_still_loads_as_data(finished, tmp_path):
+def test_checkpoint_of_the_old_format_still_loads_as_data(finished, tmp_path):
+    import random
+
     ckpt = _copy(finished / "checkpoints" / "step_000002", tmp_path / "step_000002")
     (ckpt / checkpoint.MANIFEST_FILE).unlink()
     (ckpt / checkpoint.CONFIG_FILE).unlink()
-    assert checkpoint.read_state(ckpt)["step"] == 2 and checkpoint.read_config(ckpt) is None
+    state = torch.load(ckpt / checkpoint.STATE_FILE, weights_only=True)
+    state["rng"]["python"] = random.getstate()  # the old format kept python's tuple as is
+    torch.save(state, ckpt / checkpoint.STATE_FILE)
+    back = checkpoint.read_state(ckpt)
+    assert back["step"] == 2 and checkpoint.read_config(ckpt) is None
+    checkpoint.set_rng_state(back["rng"])
+    assert random.getstate() == state["rng"]["python"]
 
 
 # ----------------------------------------------------------------------------- 4. damaged checkpoints
@@ -250,14 +258,21 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(tiny_mode
     assert found[0].name == "step_000001" and found[1]["step"] == 1
     err = capsys.readouterr().err
     assert "step_000002" in err and "adapter/adapter_model.safetensors has 100 bytes" in err and "resuming from step_000001" in err
-    # a flipped byte (same size) is caught by the checksum
-    state = out / "checkpoints" / "step_000001" / checkpoint.STATE_FILE
-    data = bytearray(state.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    state.write_bytes(bytes(data))
+    # train resumes from there, redoes step 2 and writes a good step 2
+    assert main(_args(tiny_model_dir, out)) == 0
+    err = capsys.readouterr().err
+    assert "resuming from step_000001" in err and "step_000001 at step 1" in err
+    assert _steps(out) == [1, 2]
+    checkpoint.verify(out / "checkpoints" / "step_000002")
+    # a flipped byte (same size) is caught by the checksum; with every checkpoint damaged, one line says so
+    for ckpt in checkpoint.candidates(out / "checkpoints"):
+        data = bytearray((ckpt / checkpoint.STATE_FILE).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (ckpt / checkpoint.STATE_FILE).write_bytes(bytes(data))
     assert main(_args(tiny_model_dir, out)) == 2
     err = _err_lines(capsys.readouterr().err)
     assert len(err) == 1 and "no usable checkpoint" in err[0] and "trainer.resume=never" in err[0] and str(out) in err[0], err
+    assert "does not match its checksum" in err[0]
 
 
 def test_kill_9_while_a_checkpoint_is_written(tiny_model_dir, tmp_path, capsys):

@@ -78,10 +78,21 @@ def test_a_held_directory_stops_a_second_train_at_once(tiny_model_dir, tmp_path,
 
 
 def test_two_processes_racing_for_one_directory(tiny_model_dir, tmp_path):
-    out = tmp_path / "race"
-    cmd = [sys.executable, "-m", "fipo_lite", "train", *_args(tiny_model_dir, out, **{"trainer.total_steps": 3})]
+    out, go = tmp_path / "race", tmp_path / "go"
+    # both import first, then start `train` together when `go` appears: a race, not a queue
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from fipo_lite.trainer import main
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.01)
+        sys.exit(main(sys.argv[1:]))
+    """)
+    cmd = [sys.executable, "-c", script, *_args(tiny_model_dir, out, **{"trainer.total_steps": 3})]
     procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.pid, p.wait(timeout=300), p.stderr.read()) for p in procs]
+    time.sleep(1)
+    go.touch()
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    results = [(p.pid, p.returncode, e) for p, e in zip(procs, errs)]
     codes = sorted(rc for _, rc, _ in results)
     assert codes == [0, 2], results
     (win_pid, _, _), = [r for r in results if r[1] == 0]
@@ -292,14 +303,14 @@ def test_kill_9_while_a_checkpoint_is_written(tiny_model_dir, tmp_path, capsys):
         sys.exit(trainer.main(sys.argv[1:]))
     """)
     args = _args(tiny_model_dir, out, **{"trainer.total_steps": 3})
-    proc = subprocess.Popen([sys.executable, "-c", script, *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], env=_env(), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while not mark.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    proc.stderr.close()
     assert (out / "checkpoints" / ".step_000002.tmp" / checkpoint.STATE_FILE).exists()  # killed mid-save
     assert _steps(out) == [1, 2]  # step 2 was logged, its checkpoint never finished
     assert json.loads((out / rundir.LOCK_FILE).read_text())["pid"] == proc.pid  # a stale record

@@ -162,6 +162,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | PATH to a checkpoint dir
     progress: bool = True
     num_threads: int = 0  # torch CPU threads; 0: leave torch's default
+    allow_config_change: bool = False  # resume even though training-relevant keys changed (recorded in the run dir)
 
 
 @dataclass
@@ -175,6 +176,25 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# Keys a resumed run may change without asking: they decide how long, how often, where and how fast
+# it runs, never what is trained or what a logged metric means. Every other key (model, LoRA shape,
+# loss and its knobs, data, seed, optimizer, lr, batch and group sizes, sampling, rewards, and the
+# evaluation protocol: eval_k, eval_temperature/top_p, data.val/val_size) stops a resume unless
+# trainer.allow_config_change=true. micro_batch_size and max_tokens_per_micro_batch are here because
+# gradients are accumulated exactly over micro-batches (memory knobs, like gradient checkpointing);
+# thread counts, devices and engine memory settings change float rounding and random streams, not the
+# experiment. The run directory records every change with the step it took effect (see rundir.py).
+RESUME_SAFE_KEYS = frozenset({
+    "output_dir", "trainer.total_steps", "trainer.eval_every", "trainer.save_every", "trainer.keep_checkpoints",
+    "trainer.resume", "trainer.progress", "trainer.num_threads", "trainer.allow_config_change",
+    "trainer.logprob_chunk_size", "trainer.micro_batch_size", "trainer.max_tokens_per_micro_batch",
+    "model.device", "model.cache_dir", "model.gradient_checkpointing", "model.offload_gradients", "model.attn_implementation",
+    "rollout.generation_batch_size", "rollout.vllm.gpu_memory_utilization", "rollout.vllm.enable_prefix_caching",
+    "rollout.vllm.enable_sleep_mode", "rollout.vllm.sleep_level", "rollout.vllm.max_num_seqs", "rollout.vllm.enforce_eager",
+    "rollout.vllm.tensor_parallel_size", "reward.num_workers",
+})
 
 
 CHOICES = {

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, metrics as M
+from . import checkpoint, metrics as M, rundir
 from .config import ConfigError, load_config, policy_loss_kwargs
 from .engines import SamplingParams, build_engine
 from .objective import policy_loss
@@ -268,7 +268,14 @@ def make_optimizer(params, cfg):
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run (or resume) a training run; returns the last step's metrics."""
+    """Run (or resume) a training run; returns the last step's metrics. The output directory is held
+    by this run alone, and a resume must continue the same experiment (see rundir.py)."""
+    with rundir.hold(cfg.output_dir):
+        resume = rundir.open_run(cfg)  # before the model loads: a refused resume stops at once
+        return _train(cfg, resume)
+
+
+def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
     from .backends import load_model
     from .data import load_examples
     from .rewards import RewardRunner
@@ -295,9 +302,9 @@ def train(cfg: DictConfig) -> dict:
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
     start = 0
-    resume_from = {"never": None, "auto": checkpoint.find_latest(ckpt_root)}.get(t.resume, Path(t.resume))
+    resume_from, state = resume or (None, None)
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model)
+        checkpoint.load_adapter(resume_from, model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["data"])
@@ -314,7 +321,6 @@ def train(cfg: DictConfig) -> dict:
             return kept[-1] if kept else {}
     else:
         metrics_path.write_text("")
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                               logprobs=bool(a.tis_cap) or r.engine == "vllm")
@@ -390,7 +396,7 @@ def train(cfg: DictConfig) -> dict:
         if t.save_every > 0 and (step % t.save_every == 0 or step == t.total_steps):
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "data": stream.state_dict(), "rng": checkpoint.rng_state()}
-            checkpoint.save(ckpt_root, step, model, state, keep=t.keep_checkpoints)
+            checkpoint.save(ckpt_root, step, model, state, keep=t.keep_checkpoints, config=OmegaConf.to_container(cfg))
     bar.close()
     return row
 
@@ -414,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         import unsloth  # noqa: F401
-    last = train(cfg)
+    try:
+        last = train(cfg)
+    except (rundir.RunDirError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"[fipo_lite] done: {cfg.output_dir} (last step {last.get(M.STEP, 0)})", file=sys.stderr)
     return 0

@@ -1,0 +1,185 @@
+"""One run directory: one writer, one experiment, its history kept.
+
+A run directory holds hours of GPU work, so `train` guards it:
+- `hold` takes an exclusive lock (flock) on OUTPUT_DIR/run.lock for the whole run. A second `train`
+  on the same directory stops at once naming the holder's pid; the kernel drops the lock of a killed
+  run, so a stale lock is simply taken over (and its last holder named).
+- `open_run` decides where the run starts: fresh, or from the newest good checkpoint. On a resume it
+  compares the new config with the one the checkpoint was trained with (config.RESUME_SAFE_KEYS may
+  change; anything else needs trainer.allow_config_change=true) and records every change.
+
+Layout of OUTPUT_DIR (checkpoints/ is described in checkpoint.py):
+  run.lock              pid, host and start time of the live run (empty after a clean exit)
+  config.yaml           the config the run was started with; a resume never rewrites it
+  config_history.jsonl  one row per resume that changed the config: step it took effect, time, pid,
+                        checkpoint, {key: [old, new]}, and whether trainer.allow_config_change allowed it
+  metrics.jsonl         one row per step
+  checkpoints/          step_NNNNNN/ folders
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import checkpoint
+from .config import RESUME_SAFE_KEYS, RunConfig
+
+LOCK_FILE = "run.lock"
+CONFIG_FILE = "config.yaml"
+HISTORY_FILE = "config_history.jsonl"
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked; the message says why and the ways out."""
+
+
+# ----------------------------------------------------------------------------- one writer
+_held: dict[str, int] = {}  # lock path -> fd, for the locks this process holds
+
+
+def _close_held_in_child() -> None:
+    # A forked child (reward workers) must not keep the lock alive after its parent dies. Closing the
+    # inherited fd drops the child's reference only; the parent still holds the lock.
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except ValueError:
+        return {}
+
+
+def _describe(h: dict) -> str:
+    return f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}"
+
+
+@contextmanager
+def hold(output_dir: str | Path) -> Iterator[Path]:
+    """Hold OUTPUT_DIR for this process until the block ends; RunDirError if a live run holds it."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = {}
+        for _ in range(20):  # the holder writes its pid right after locking
+            holder = _read_holder(fd)
+            if holder:
+                break
+            time.sleep(0.05)
+        os.close(fd)
+        raise RunDirError(f"{out} is in use by another train run ({_describe(holder)}); "
+                          "wait for it, stop it, or use another output_dir") from None
+    stale = _read_holder(fd)
+    if stale:
+        print(f"[fipo_lite] {out}: taking over the lock left by a run that is no longer running ({_describe(stale)})",
+              file=sys.stderr)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    _held[str(path)] = fd
+    try:
+        yield out
+    finally:
+        _held.pop(str(path), None)
+        os.ftruncate(fd, 0)  # a clean exit leaves an empty lock file: only a killed run leaves a record
+        os.close(fd)  # releases the lock
+
+
+# ----------------------------------------------------------------------------- one experiment
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, list]:
+    """{key: [old, new]} for every leaf that differs; a key missing on one side counts as its default."""
+    defaults = _flat(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+    a, b = _flat(old), _flat(new)
+    return {k: [a.get(k, defaults.get(k)), b.get(k, defaults.get(k))]
+            for k in sorted(set(a) | set(b)) if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))}
+
+
+def _fmt(changes: dict[str, list]) -> str:
+    return ", ".join(f"{k} {json.dumps(o)} -> {json.dumps(n)}" for k, (o, n) in changes.items())
+
+
+def _start_fresh(out: Path, cfg: DictConfig) -> None:
+    """A new run in OUTPUT_DIR: what an earlier run left there would mix with it, so it goes."""
+    old = checkpoint.candidates(out / "checkpoints")
+    if old or (out / CONFIG_FILE).exists():
+        print(f"[fipo_lite] {out}: starting a new run here; the previous run's config"
+              f"{f' and {len(old)} checkpoint(s)' if old else ''} are replaced", file=sys.stderr)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / HISTORY_FILE).unlink(missing_ok=True)
+    (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg))
+
+
+def _record(out: Path, row: dict) -> None:
+    f = out / HISTORY_FILE
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+    last = rows[-1] if rows else {}
+    if last.get("step") == row["step"] and last.get("changes") == row["changes"]:
+        return  # the same resume again (killed before its next checkpoint): already recorded
+    with open(f, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def open_run(cfg: DictConfig) -> tuple[Path, dict] | None:
+    """(checkpoint, trainer state) to resume from, or None for a fresh start; checks that a resume
+    continues the same experiment and records what changed. Call while holding the directory."""
+    out, t = Path(cfg.output_dir), cfg.trainer
+    if t.resume == "never":
+        found = None
+    elif t.resume == "auto":
+        found = checkpoint.pick(out / "checkpoints")
+    else:
+        found = Path(t.resume), checkpoint.read_state(t.resume)
+    if found is None:
+        _start_fresh(out, cfg)
+        return None
+    path, state = found
+    old = checkpoint.read_config(path)
+    legacy = out / CONFIG_FILE
+    if old is None and legacy.is_file():  # checkpoints from before configs were saved with them
+        old = OmegaConf.to_container(OmegaConf.load(legacy))
+    new = OmegaConf.to_container(cfg)
+    changes = config_changes(old, new) if old is not None else {}
+    relevant = {k: v for k, v in changes.items() if k not in RESUME_SAFE_KEYS}
+    if relevant and not t.allow_config_change:
+        raise RunDirError(
+            f"{out} was trained with a different config ({path.name}): {_fmt(relevant)}; use another output_dir, "
+            "trainer.resume=never to start over in it (its checkpoints are deleted), or trainer.allow_config_change=true "
+            "to continue with the change")
+    if relevant:
+        print(f"[fipo_lite] warning: {out} continues from step {state['step']} with a changed config: {_fmt(relevant)} "
+              f"(recorded in {HISTORY_FILE})", file=sys.stderr)
+    if not (out / CONFIG_FILE).exists():  # resumed from another run's checkpoint: this run starts here
+        (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(old) if old is not None else cfg))
+    if changes:
+        _record(out, {"step": state["step"], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
+                      "checkpoint": str(path), "changes": changes, "allowed_by": "trainer.allow_config_change" if relevant else None})
+    return path, state

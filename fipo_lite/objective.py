@@ -18,6 +18,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 DEFAULT_AGG = {"fipo": "token-mean", "dapo": "token-mean", "grpo": "seq-mean-token-mean"}
 RATIO_QUANTILES = (("p25", 0.25), ("p50", 0.5), ("p75", 0.75), ("p99_5", 0.995), ("p99_9", 0.999))
 _FKL_EXP_CAP = 80.0  # exp(FutureKL) is reported saturated at e**80 (only the metric; f is clipped far lower)
+CLIP_HIGH = 0.28  # DAPO's clip-higher: the token clip's upper range for fipo/dapo (grpo: symmetric)
 
 
 def aggregate(loss_mat: torch.Tensor, keep: torch.Tensor, mode: str, *, denominator: float | None = None, max_response_length: int | None = None) -> torch.Tensor:
@@ -45,6 +46,16 @@ def aggregate(loss_mat: torch.Tensor, keep: torch.Tensor, mode: str, *, denomina
     if den <= 0:
         return masked.sum() * 0.0
     return num / den
+
+
+def low_var_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref), as verl's `kl_penalty(..., "low_var_kl")`.
+
+    exp(ref - logp) - (ref - logp) - 1, with the log-ratio clamped to +-20 and the estimate to
+    [-10, 10] (verl's guards: one token far from the reference cannot dominate the loss).
+    """
+    log_r = (ref_logp - logp).clamp(-20.0, 20.0)
+    return (torch.exp(log_r) - log_r - 1.0).clamp(-10.0, 10.0)
 
 
 def influence_bounds(future_kl_clip_ratio: float, high_only: bool) -> tuple[float, float]:
@@ -143,12 +154,14 @@ def policy_loss(
     """Clipped policy-gradient loss with FIPO's Future-KL influence weights.
 
     mode: "fipo" (spec 4-7), "dapo" (f = 1, no invalidation) or "grpo" (symmetric clip,
-    optional k3 KL to `ref_logp` with `kl_coef`). clip_high defaults to 0.28 for fipo/dapo and to
+    optional k3 KL to `ref_logp` with `kl_coef`). clip_high defaults to CLIP_HIGH for fipo/dapo and to
     clip_low (symmetric) for grpo; loss_agg_mode defaults to token-mean (fipo/dapo) or
     seq-mean-token-mean (grpo). `mask_dual_clip=False` lets ratios above c into the Future-KL
     sums and `invalidate_dual_clipped=False` keeps sequences with several dual-clipped tokens
-    (ablations; the released recipe has both on). `is_weights` multiplies each token's loss
-    (truncated importance sampling against the sampler). `denominator`: see `aggregate`.
+    (ablations; the released recipe has both on). `is_weights` multiplies each token's policy loss
+    (truncated importance sampling against the sampler). The KL term is verl's `low_var_kl` added as
+    verl's actor adds its KL loss: aggregated on its own over the response mask (invalidated rows
+    included) and not importance-weighted. `denominator`: see `aggregate`.
 
     Returns (scalar loss, metrics). The influence weights carry no gradient.
     """
@@ -170,7 +183,7 @@ def policy_loss(
     if is_weights is not None:
         check_tensor("is_weights", is_weights, shape)
     if clip_high is None:
-        clip_high = clip_low if mode == "grpo" else 0.28
+        clip_high = clip_low if mode == "grpo" else CLIP_HIGH
 
     dtype = torch.promote_types(logp.dtype, torch.float32)  # bf16/fp16 in, float32 math
     logp_c, old = logp.to(dtype), old_logp.detach().to(dtype)
@@ -211,13 +224,12 @@ def policy_loss(
             keep = m & ~invalid_seq.unsqueeze(-1)
     else:
         invalid_seq = torch.zeros(shape[0], dtype=torch.bool, device=m.device)
-    if ref_logp is not None and kl_coef:
-        log_r = (ref_logp.detach().to(dtype) - logp_c).clamp(-20.0, 20.0)
-        kl_ref = torch.exp(log_r) - log_r - 1.0
-        loss_mat = loss_mat + kl_coef * kl_ref
     if is_weights is not None:
         loss_mat = loss_mat * is_weights.detach().to(dtype)
     loss = aggregate(loss_mat, keep, agg, denominator=denominator, max_response_length=max_response_length)
+    if ref_logp is not None and kl_coef:
+        kl_ref = low_var_kl(logp_c, ref_logp.detach().to(dtype))
+        loss = loss + kl_coef * aggregate(kl_ref, m, agg, denominator=denominator, max_response_length=max_response_length)
 
     metrics: dict[str, float] = {}
     if compute_metrics:

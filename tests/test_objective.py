@@ -80,6 +80,37 @@ def test_grpo_reference_kl():
     assert m["kl_ref"] > 0
 
 
+def test_kl_is_verls_low_var_kl():
+    """Per token, verl's kl_penalty(..., "low_var_kl"), including its clamp of the estimate at 10."""
+    core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed")
+    old, logp, adv, mask = _batch(seed=21)
+    ref_logp = old + torch.randn_like(old)
+    ref_logp[0, :4] = logp[0, :4] + torch.tensor([12.0, 25.0, -15.0, -30.0], dtype=logp.dtype)  # past both clamps
+    ours = fipo_lite.objective.low_var_kl(logp, ref_logp)
+    theirs = core.kl_penalty(logp, ref_logp, "low_var_kl")
+    assert ours.max() == 10.0
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["grpo", "fipo"])
+def test_kl_term_is_not_importance_weighted(mode):
+    """As in verl's actor and TRL: is_weights/TIS scale the policy loss only, and the KL term is
+    aggregated on its own over the response mask (with the same aggregation and denominator)."""
+    old, logp, adv, mask = _batch(seed=22)
+    ref_logp = old + 0.3 * torch.randn_like(old)
+    w = torch.rand_like(logp) + 0.5
+    kw = dict(mode=mode, loss_agg_mode="token-mean", denominator=50.0)
+    pg_w, _ = fipo_lite.policy_loss(old, logp, adv, mask, is_weights=w, **kw)
+    both_w, m = fipo_lite.policy_loss(old, logp, adv, mask, is_weights=w, ref_logp=ref_logp, kl_coef=0.1, **kw)
+    both, _ = fipo_lite.policy_loss(old, logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1, **kw)
+    pg, _ = fipo_lite.policy_loss(old, logp, adv, mask, **kw)
+    kl = fipo_lite.objective.low_var_kl(logp, ref_logp)
+    kl_term = 0.1 * (kl * mask).sum() / 50.0
+    assert both_w.item() == pytest.approx(pg_w.item() + kl_term.item(), rel=1e-12)
+    assert (both_w - pg_w).item() == pytest.approx((both - pg).item(), rel=1e-12)
+    assert m["kl_ref"] > 0
+
+
 def test_dapo_ignores_influence_and_keeps_invalid_rows():
     old, logp, adv, mask = _batch(seed=7)
     _, fm = fipo_lite.policy_loss(old, logp, adv, mask, mode="fipo")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -83,3 +84,62 @@ def test_refuses_knobs_that_trl_owns(tiny_model_dir, tmp_path):
         FIPOGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), reward_funcs=[_reward], args=args,
                         train_dataset=data, fipo=dict(clip_low=0.1))
+
+
+def _addition_data(n=8):
+    from datasets import Dataset
+
+    from fipo_lite.tasks import make_examples
+
+    return Dataset.from_list([{"prompt": e.prompt, "ground_truth": e.ground_truth} for e in make_examples("addition", n, seed=0)])
+
+
+def test_readme_configuration_moves_the_influence_weights(tiny_warm_model_dir, tmp_path):
+    """The README's example (FIPOGRPOConfig defaults), scaled to the tiny model: one generation batch feeds
+    8 optimizer steps, TRL passes old log-probs, and after the first step the influence weights leave 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fipo_lite.integrations.trl import FIPOGRPOConfig, FIPOGRPOTrainer
+
+    args = FIPOGRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4, max_completion_length=24,
+                          beta=0.0, max_steps=3, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
+                          save_strategy="no", seed=0, gradient_checkpointing=False)
+    assert args.steps_per_generation == 8 and args.epsilon_high == 0.28
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # an off-policy configuration: no "FIPO runs as DAPO" warning
+        trainer = FIPOGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_warm_model_dir), reward_funcs=[_reward],
+                                  processing_class=AutoTokenizer.from_pretrained(tiny_warm_model_dir), args=args,
+                                  train_dataset=_addition_data())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "fipo/influence_max" in h]
+    assert len(logged) == 3, trainer.state.log_history
+    assert logged[0]["fipo/influence_max"] == pytest.approx(1.0, abs=1e-4)  # first step after generation: on-policy
+    assert all(h["fipo/influence_max"] > 1.01 for h in logged[1:]), logged  # later steps: off-policy, FIPO acts
+    assert all(h["fipo/influence_mean"] > 1.0 for h in logged[1:]), logged
+
+
+def test_warns_when_fipo_would_run_as_dapo(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fipo_lite.config import AlgorithmConfig
+    from fipo_lite.integrations.trl import FIPOGRPOConfig, FIPOGRPOTrainer
+
+    def make(args, **fipo):
+        return FIPOGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[_reward],
+                               processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), args=args,
+                               train_dataset=_addition_data(4), fipo=fipo)
+
+    common = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                  max_steps=1, report_to=[], use_cpu=True, gradient_checkpointing=False)
+    with pytest.warns(UserWarning, match="FIPO runs as DAPO.*Set steps_per_generation"):
+        trainer = make(trl.GRPOConfig(**common))  # TRL's defaults: steps_per_generation == gradient_accumulation_steps
+    assert trainer.fipo_kwargs["tau"] == AlgorithmConfig().tau and trainer.fipo_kwargs["fkl_clip_high"] == AlgorithmConfig().fkl_clip_high
+    with pytest.warns(UserWarning, match="steps_per_generation=16"):
+        make(FIPOGRPOConfig(**common, steps_per_generation=2, gradient_accumulation_steps=2))  # explicit choice kept, still DAPO
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        make(trl.GRPOConfig(**common, num_iterations=2))  # a second pass over each batch is off-policy
+        make(trl.GRPOConfig(**common), mode="dapo")  # asked for DAPO: nothing to warn about
+    assert FIPOGRPOConfig(**common, generation_batch_size=8).steps_per_generation == 2  # explicit size respected
+    with pytest.raises(ValueError, match="not a FIPO knob"):
+        make(FIPOGRPOConfig(**common), decay=8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -111,9 +112,64 @@ def test_launcher_overrides_from_a_fipo_lite_config():
     assert knobs["decay_rate"] == 64.0 and knobs["future_kl_clip_ratio"] == pytest.approx(0.2)
     assert knobs["future_kl_clip_high_only"] is False
     fork = plugin.launcher_overrides(cfg, target="fork")
-    assert "actor_rollout_ref.actor.policy_loss.decay_rate=64.0" in fork and not any(plugin.ENV in o for o in fork)
+    assert "+actor_rollout_ref.actor.policy_loss.decay_rate=64.0" in fork and not any(plugin.ENV in o for o in fork)
     with pytest.raises(ValueError, match="loss_mode is 'dapo'"):
         plugin.launcher_overrides(load_config(ROOT / "configs" / "tiny_cpu.yaml", ["algorithm.loss_mode=dapo"]))
     with pytest.raises(ValueError, match="no upstream equivalent"):
         plugin.launcher_overrides(load_config(ROOT / "configs" / "tiny_cpu.yaml", ["algorithm.fkl_clip_low=0.9"]))
     assert plugin.main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml")]) == 0
+
+
+FIXTURE = ROOT / "tests" / "fixtures" / "fipo_recipe_32b_args.txt"
+
+
+def _read_fixture() -> dict[str, str]:
+    pairs = [line.split("=", 1) for line in FIXTURE.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return dict(pairs)
+
+
+def _printed_command(capsys, monkeypatch, target: str) -> tuple[str, dict[str, str]]:
+    """The recipe's settings in a fipo_lite config -> `python -m fipo_lite.integrations.verl` -> (module, key -> value)."""
+    overrides = ["trainer.train_batch_size=512", "trainer.ppo_mini_batch_size=64", "trainer.lr=1e-6", "trainer.eval_k=1",
+                 "trainer.eval_every=5", "trainer.save_every=5", "algorithm.filter_groups.max_num_gen_batches=10"]
+    cfg = load_config(ROOT / "configs" / "qwen2.5-32b.yaml", overrides)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))  # untyped, so that the next key may be new
+    cfg.trainer.gen_batch_size = 2048  # the recipe's 4 x 512 (a config field in later fipo_lite versions)
+    monkeypatch.setattr("fipo_lite.config.load_config", lambda *a, **k: cfg)
+    assert plugin.main(["--config", "unused.yaml", "--target", target]) == 0
+    words = shlex.split(capsys.readouterr().out.replace("\\\n", " "))
+    assert words[:2] == ["python3", "-m"]
+    return words[2], dict(w.split("=", 1) for w in words[3:])
+
+
+def _same(printed: str, expected: str) -> bool:
+    if printed.lower() in ("true", "false"):
+        return printed.lower() == expected.lower()
+    try:
+        return float(printed) == float(expected)
+    except ValueError:
+        return printed == expected
+
+
+def test_fork_command_is_the_upstream_run_script(capsys, monkeypatch):
+    """Every recipe setting the script passes appears, with the script's key and value, in our command."""
+    expected = _read_fixture()
+    module, printed = _printed_command(capsys, monkeypatch, "fork")
+    assert module == expected.pop("_entry") == plugin.ENTRY["fork"]
+    wrong = {k: (printed.get(k), v) for k, v in expected.items() if k not in printed or not _same(printed[k], v)}
+    assert not wrong, f"(ours, upstream) differ: {wrong}"
+
+
+def test_stock_command_carries_the_same_settings(capsys, monkeypatch):
+    """Stock verl 0.9.1: the same values under its own keys (STOCK_KEYS), FIPO knobs in the environment JSON."""
+    expected = _read_fixture()
+    expected.pop("_entry")
+    module, printed = _printed_command(capsys, monkeypatch, "stock")
+    assert module == "verl.trainer.main_ppo"
+    knobs = json.loads(printed[f"+ray_kwargs.ray_init.runtime_env.env_vars.{plugin.ENV}"])
+    for key, value in expected.items():
+        if key.startswith("+actor_rollout_ref.actor.policy_loss."):
+            assert _same(str(knobs[key.rsplit(".", 1)[1]]), value), key
+        else:
+            assert _same(printed[plugin.STOCK_KEYS.get(key, key)], value), key
+    assert printed["+reward.reward_kwargs.max_resp_len"] == "20480"

@@ -3,10 +3,15 @@
 Multi-GPU and multi-node runs then go through accelerate or DeepSpeed exactly as with TRL's own
 GRPOTrainer:
 
-    from fipo_lite.integrations.trl import FIPOGRPOTrainer
-    trainer = FIPOGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
-                              fipo=dict(tau=32.0, fkl_clip_low=1.0, fkl_clip_high=1.2, safety_thresh=10.0))
+    from fipo_lite.integrations.trl import FIPOGRPOConfig, FIPOGRPOTrainer
+    args = FIPOGRPOConfig(output_dir="out", num_generations=16, per_device_train_batch_size=16)
+    trainer = FIPOGRPOTrainer(model=..., reward_funcs=..., args=args, train_dataset=..., fipo=dict(tau=32.0))
     trainer.train()          # accelerate launch --num_processes 8 train.py
+
+FIPO only differs from DAPO when optimizer steps reuse a generation batch (on the first step after
+generation the policy is the sampler, the Future-KL is 0 and every influence weight is 1). TRL's
+defaults make every step on-policy, so FIPOGRPOConfig defaults to the recipe's shape: one generation
+batch feeds UPDATES_PER_GENERATION optimizer steps. The trainer warns when a configuration is on-policy.
 
 Supported: trl >= 0.24, <= 1.15 (text-only models). TRL's tensors map onto the spec's inputs:
 per_token_logps -> logp, old_per_token_logps (or logp.detach() when TRL skips it) -> old_logp,
@@ -19,31 +24,89 @@ FIPO diagnostics are logged under `fipo/<name>` next to TRL's own metrics.
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 try:
-    from trl import GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError("fipo_lite.integrations.trl needs TRL: pip install 'trl>=0.24,<=1.15'") from e
 
-from ..objective import policy_loss
+from ..config import AlgorithmConfig
+from ..objective import CLIP_HIGH, policy_loss
 
 LOGGED = ("policy_kl", "clip_frac", "dual_clip_frac", "invalid_seq_frac", "influence_mean", "influence_min",
           "influence_max", "influence_frac_upper", "influence_frac_lower", "fkl_exp_mean", "ratio_pos_p99_9", "ratio_neg_p99_9")
+# The `fipo=` knobs, with fipo_lite's run-config defaults (AlgorithmConfig: tau 32, influence clip [1, 1.2], ...).
+KNOBS = ("tau", "fkl_clip_low", "fkl_clip_high", "safety_thresh", "dual_clip_c", "start", "window", "average",
+         "mask_dual_clip", "invalidate_dual_clipped", "loss_agg_mode")
+TRL_OWNED = ("clip_low", "clip_high", "denominator", "ref_logp", "kl_coef", "is_weights")
+UPDATES_PER_GENERATION = 8  # the recipe: 512 prompts per rollout, optimizer mini-batches of 64
+
+
+def fipo_defaults() -> dict[str, Any]:
+    """policy_loss keyword defaults of the plug-in, read from fipo_lite's AlgorithmConfig."""
+    a = AlgorithmConfig()
+    return {"mode": a.loss_mode, **{k: getattr(a, k) for k in KNOBS}}
+
+
+@dataclass
+class FIPOGRPOConfig(GRPOConfig):
+    """TRL's GRPOConfig with the recipe's defaults where TRL's would turn FIPO into DAPO.
+
+    Unless `steps_per_generation` or `generation_batch_size` is given, steps_per_generation =
+    UPDATES_PER_GENERATION x gradient_accumulation_steps: each generation batch feeds 8 optimizer
+    steps, and TRL computes the old log-probs that the later (off-policy) steps need. Unless given,
+    `epsilon_high` is DAPO's clip-higher 0.28 (TRL's default: epsilon).
+    """
+
+    def __post_init__(self):
+        if self.steps_per_generation is None and self.generation_batch_size is None:
+            self.steps_per_generation = UPDATES_PER_GENERATION * self.gradient_accumulation_steps
+        if self.epsilon_high is None:
+            self.epsilon_high = CLIP_HIGH
+        super().__post_init__()
+
+
+def on_policy(args, num_iterations: int) -> bool:
+    """True when every optimizer step starts right after generation (TRL's own test for skipping old log-probs)."""
+    return args.gradient_accumulation_steps % (args.steps_per_generation * num_iterations) == 0
 
 
 class FIPOGRPOTrainer(GRPOTrainer):
-    """TRL's GRPOTrainer with the FIPO (or DAPO/GRPO, via fipo['mode']) loss of fipo_lite."""
+    """TRL's GRPOTrainer with the FIPO (or DAPO/GRPO, via fipo['mode']) loss of fipo_lite.
+
+    `fipo`: policy_loss knobs (KNOBS, and "mode"), defaults from fipo_lite's AlgorithmConfig. Without
+    `args`, a FIPOGRPOConfig (off-policy by default) replaces TRL's default GRPOConfig.
+    """
 
     def __init__(self, *args, fipo: dict[str, Any] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fipo_kwargs = {"mode": "fipo", **(fipo or {})}
-        for key in ("clip_low", "clip_high", "denominator", "ref_logp", "kl_coef", "is_weights"):
-            if key in self.fipo_kwargs:
+        fipo = dict(fipo or {})
+        for key in fipo:
+            if key in TRL_OWNED:
                 raise ValueError(f"fipo[{key!r}] is set from TRL's own arguments (epsilon, epsilon_high, beta, "
                                  "importance sampling); remove it")
+            if key not in ("mode", *KNOBS):
+                raise ValueError(f"fipo[{key!r}] is not a FIPO knob; valid: {['mode', *KNOBS]}")
+        if len(args) < 3 and kwargs.get("args") is None:  # TRL would build an on-policy GRPOConfig
+            model = kwargs.get("model", args[0] if args else None)
+            name = model if isinstance(model, str) else model.config._name_or_path
+            kwargs["args"] = FIPOGRPOConfig(f"{name.split('/')[-1]}-FIPO")
+        super().__init__(*args, **kwargs)
+        self.fipo_kwargs = {**fipo_defaults(), **fipo}
+        if self.fipo_kwargs["mode"] == "fipo" and on_policy(self.args, self.num_iterations):
+            a = self.args
+            warnings.warn(
+                f"FIPO runs as DAPO with this configuration: gradient_accumulation_steps={a.gradient_accumulation_steps} "
+                f"is a multiple of steps_per_generation={a.steps_per_generation} x num_iterations={self.num_iterations}, so "
+                "every optimizer step is on-policy, the Future-KL is 0 and every influence weight is 1. Set "
+                f"steps_per_generation to a multiple of gradient_accumulation_steps (the recipe: "
+                f"steps_per_generation={UPDATES_PER_GENERATION * a.gradient_accumulation_steps}, {UPDATES_PER_GENERATION} "
+                "optimizer steps per generation batch), or num_iterations > 1, or use FIPOGRPOConfig, whose default does this.",
+                UserWarning, stacklevel=2)
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]

@@ -22,8 +22,9 @@ import sys
 from typing import Any, Optional
 
 import torch
+from omegaconf import OmegaConf
 
-from ..objective import LOSS_AGG_MODES, from_recipe, policy_loss
+from ..objective import CLIP_HIGH, DEFAULT_AGG, LOSS_AGG_MODES, from_recipe, policy_loss
 
 NAME = "future_kl"
 ENV = "FIPO_LITE_VERL_KNOBS"
@@ -138,39 +139,88 @@ def recipe_knobs(cfg) -> dict[str, Any]:
     return knobs
 
 
-def launcher_overrides(cfg, target: str = "stock") -> list[str]:
-    """A fipo_lite run config -> Hydra overrides for verl's `python -m verl.trainer.main_ppo`.
+# The recipe runs `python3 -m recipe.dapo.main_dapo` of the upstream fork (verl 0.5.0.dev): its DAPO
+# trainer generates batches of `data.gen_batch_size` prompts, drops groups whose `filter_groups.metric`
+# is constant, and stops with an error after `max_num_gen_batches` batches without a full training batch.
+# Stock verl 0.9.1 has no `recipe/` package; its `verl.trainer.main_ppo` (V1 trainer) does dynamic
+# sampling itself (`algorithm.filter_groups.enable/metric`) but refills the batch group by group, so it
+# ignores `max_num_gen_batches` (with a warning) and, with filtering on, `data.gen_batch_size`; it reads the DAPO reward manager
+# and the overlong buffer under `reward.*` (the legacy `reward_model.*` keys of the recipe are only
+# migrated by its fully-async entry point). STOCK_KEYS renames the recipe's keys for stock verl.
+ENTRY = {"fork": "recipe.dapo.main_dapo", "stock": "verl.trainer.main_ppo"}
+OVERLONG = "+reward.reward_kwargs.overlong_buffer_cfg"  # verl 0.9.1 experimental/reward_loop/reward_manager/dapo.py
+STOCK_KEYS = {
+    "reward_model.reward_manager": "reward.reward_manager.name",
+    "reward_model.overlong_buffer.enable": f"{OVERLONG}.enable",
+    "reward_model.overlong_buffer.len": f"{OVERLONG}.len",
+    "reward_model.overlong_buffer.penalty_factor": f"{OVERLONG}.penalty_factor",
+}
 
-    target="stock" (verl from PyPI): the FIPO knobs travel to every Ray worker as the JSON in
-    $FIPO_LITE_VERL_KNOBS (runtime_env); target="fork" (the upstream FIPO repository, whose
-    policy_loss config has the knobs): they are set as `policy_loss.*` keys.
+
+def _select(cfg, key: str, default=None):
+    """A config key this fipo_lite version may lack (or leave null) -> `default`."""
+    value = OmegaConf.select(cfg, key, default=default)
+    return default if value is None else value
+
+
+def recipe_overrides(cfg) -> dict[str, Any]:
+    """A fipo_lite run config -> the recipe's Hydra settings, under the upstream run script's key names.
+
+    Read defensively (later fipo_lite versions add them): trainer.gen_batch_size (prompts per
+    generation batch; unset: train_batch_size, verl's default), algorithm.filter_groups.max_num_gen_batches.
     """
-    if target not in ("stock", "fork"):
-        raise ValueError(f"target must be 'stock' or 'fork', got {target!r}")
-    a, t, r, d = cfg.algorithm, cfg.trainer, cfg.rollout, cfg.data
-    knobs = recipe_knobs(cfg)
-    clip_high = a.clip_high if a.clip_high is not None else 0.28
-    actor = "actor_rollout_ref.actor"
-    out = [
-        "algorithm.adv_estimator=grpo", f"algorithm.norm_adv_by_std_in_grpo={a.norm_adv_by_std}",
-        f"{actor}.policy_loss.loss_mode={NAME}", f"{actor}.clip_ratio_low={a.clip_low}", f"{actor}.clip_ratio_high={clip_high}",
-        f"{actor}.clip_ratio_c={a.dual_clip_c}", f"{actor}.loss_agg_mode={a.loss_agg_mode or 'token-mean'}",
-        f"{actor}.ppo_mini_batch_size={t.ppo_mini_batch_size}", f"{actor}.ppo_epochs={t.ppo_epochs}",
-        f"{actor}.optim.lr={t.lr}", f"{actor}.optim.lr_warmup_steps={t.warmup_steps}", f"{actor}.optim.weight_decay={t.weight_decay}",
-        f"{actor}.grad_clip={t.grad_clip}", f"{actor}.use_kl_loss={bool(a.kl_coef)}", f"{actor}.kl_loss_coef={a.kl_coef}",
-        f"actor_rollout_ref.rollout.n={r.n}", f"actor_rollout_ref.rollout.temperature={r.temperature}",
-        f"actor_rollout_ref.rollout.top_p={r.top_p}", f"data.train_batch_size={t.train_batch_size}",
-        f"data.max_prompt_length={d.max_prompt_length}", f"data.max_response_length={r.max_new_tokens}",
-        f"algorithm.filter_groups.enable={a.filter_groups.enable}", f"algorithm.filter_groups.metric={a.filter_groups.metric}",
-        f"algorithm.filter_groups.max_num_gen_batches={a.filter_groups.max_num_gen_batches}",
-        f"trainer.total_training_steps={t.total_steps}", f"trainer.test_freq={t.eval_every}", f"trainer.save_freq={t.save_every}",
-        f"actor_rollout_ref.model.path={cfg.model.path}",
-    ]
-    if target == "fork":
-        out += [f"{actor}.policy_loss.{k}={v}" for k, v in knobs.items()]
-    else:
-        out.append(f"+ray_kwargs.ray_init.runtime_env.env_vars.{ENV}='{json.dumps(knobs, separators=(',', ':'))}'")
+    a, t, r, d, rw = cfg.algorithm, cfg.trainer, cfg.rollout, cfg.data, cfg.reward
+    actor, rollout = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
+    gen_batch = _select(cfg, "trainer.gen_batch_size") or t.train_batch_size
+    out = {
+        "algorithm.adv_estimator": "grpo", "algorithm.norm_adv_by_std_in_grpo": a.norm_adv_by_std,
+        "algorithm.use_kl_in_reward": False,
+        f"{actor}.use_kl_loss": bool(a.kl_coef), f"{actor}.kl_loss_coef": a.kl_coef,
+        f"{actor}.policy_loss.loss_mode": NAME, f"{actor}.clip_ratio_low": a.clip_low,
+        f"{actor}.clip_ratio_high": a.clip_high if a.clip_high is not None else CLIP_HIGH,
+        f"{actor}.clip_ratio_c": a.dual_clip_c, f"{actor}.loss_agg_mode": a.loss_agg_mode or DEFAULT_AGG["fipo"],
+        f"{actor}.ppo_mini_batch_size": t.ppo_mini_batch_size, f"{actor}.ppo_epochs": t.ppo_epochs,
+        f"{actor}.optim.lr": t.lr, f"{actor}.optim.lr_warmup_steps": t.warmup_steps,
+        f"{actor}.optim.weight_decay": t.weight_decay, f"{actor}.grad_clip": t.grad_clip, f"{actor}.entropy_coeff": 0,
+        f"{rollout}.n": r.n, f"{rollout}.temperature": r.temperature, f"{rollout}.top_p": r.top_p, f"{rollout}.top_k": r.top_k,
+        f"{rollout}.val_kwargs.temperature": t.eval_temperature, f"{rollout}.val_kwargs.top_p": t.eval_top_p,
+        f"{rollout}.val_kwargs.top_k": r.top_k, f"{rollout}.val_kwargs.do_sample": True, f"{rollout}.val_kwargs.n": t.eval_k,
+        "data.train_batch_size": t.train_batch_size, "data.gen_batch_size": gen_batch,
+        "data.max_prompt_length": d.max_prompt_length, "data.max_response_length": r.max_new_tokens,
+        "algorithm.filter_groups.enable": a.filter_groups.enable, "algorithm.filter_groups.metric": a.filter_groups.metric,
+        "algorithm.filter_groups.max_num_gen_batches":
+            _select(cfg, "algorithm.filter_groups.max_num_gen_batches", 10),
+        "reward_model.reward_manager": "dapo", "reward_model.overlong_buffer.enable": rw.overlong.enable,
+        "reward_model.overlong_buffer.len": rw.overlong.buffer_len,
+        "reward_model.overlong_buffer.penalty_factor": rw.overlong.penalty_factor,
+        "trainer.total_training_steps": t.total_steps, "trainer.test_freq": t.eval_every, "trainer.save_freq": t.save_every,
+        "actor_rollout_ref.model.path": cfg.model.path,
+    }
+    for split, key in (("train", "data.train_files"), ("val", "data.val_files")):
+        if str(d[split]).endswith(".parquet"):  # verl reads verl-format parquet only
+            out.update({key: d[split], "data.prompt_key": "prompt", "data.truncation": "left"})
     return out
+
+
+def launcher_overrides(cfg, target: str = "stock") -> list[str]:
+    """A fipo_lite run config -> Hydra overrides for the recipe's entry point (see ENTRY).
+
+    target="fork" (the upstream FIPO repository): the run script's keys, with the FIPO knobs as
+    `+...policy_loss.*` keys. target="stock" (verl 0.9.1 from PyPI): keys renamed by STOCK_KEYS,
+    and the FIPO knobs travel to every Ray worker as the JSON in $FIPO_LITE_VERL_KNOBS (runtime_env).
+    """
+    if target not in ENTRY:
+        raise ValueError(f"target must be one of {sorted(ENTRY)}, got {target!r}")
+    settings = recipe_overrides(cfg)
+    knobs = recipe_knobs(cfg)
+    if target == "fork":
+        settings.update({f"+actor_rollout_ref.actor.policy_loss.{k}": v for k, v in knobs.items()})
+    else:
+        settings = {STOCK_KEYS.get(k, k): v for k, v in settings.items()}
+        settings[f"{OVERLONG}.log"] = False
+        settings["+reward.reward_kwargs.max_resp_len"] = cfg.rollout.max_new_tokens  # main_dapo passes it in the fork
+        settings[f"+ray_kwargs.ray_init.runtime_env.env_vars.{ENV}"] = f"'{json.dumps(knobs, separators=(',', ':'))}'"
+    return [f"{k}={v}" for k, v in settings.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("python3 -m verl.trainer.main_ppo \\\n    " + " \\\n    ".join(lines))
+    print(f"python3 -m {ENTRY[args.target]} \\\n    " + " \\\n    ".join(lines))
     return 0
 
 

@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                         (args.n_problems is None or args.n_problems >= 1, f"--n-problems must be >= 1, got {args.n_problems}")]:
             if not ok:
                 raise ValueError(msg)
-        params = SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        # No per-request seed: --seed seeds the engine (torch for HF, LLM(seed=...) for vLLM), and vLLM's CPU
+        # build cannot rewind a per-request generator ("CPU Generator does not use offset").
+        params = SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
         examples = load_examples(args.data, n=args.n_problems, seed=args.seed, split="val")
         if not examples:
             raise ValueError(f"{args.data} has no problems")

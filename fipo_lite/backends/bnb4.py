@@ -56,7 +56,25 @@ def load_model(cfg):
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.gradient_checkpointing:
         model.config.use_cache = False
+    if device.type == "cpu":
+        keep_cpu_weights_trainable(model)
     return apply_lora(model, cfg.lora), tok
+
+
+def keep_cpu_weights_trainable(model) -> int:
+    """Switch off bitsandbytes' CPU inference repacking (AVX512-BF16 machines).
+
+    On such a CPU, the first forward in eval mode without gradients (our old log-probs, HF sampling)
+    repacks each NF4 weight for a fast gemv kernel and never packs it back; the next training
+    forward then fails inside that kernel ("a view of a leaf Variable that requires grad is being
+    used in an in-place operation"). The loop alternates both, so the generic 4-bit matmul is kept.
+    Returns the number of 4-bit layers changed."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def make_optimizer(params, cfg):

@@ -412,14 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.model.backend == "unsloth":  # Unsloth patches transformers and peft: import it before they load
-        from .backends.bnb4 import require_gpu_package
+        from .backends.unsloth import import_unsloth
 
         try:
-            require_gpu_package("unsloth", "model.backend=unsloth")
+            import_unsloth(cfg)
         except (ImportError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        import unsloth  # noqa: F401
     try:
         last = train(cfg)
     except (rundir.RunDirError, checkpoint.CheckpointError) as e:

@@ -29,7 +29,7 @@ VLLM_LLM_KWARGS = {  # LLM.__init__ parameters + EngineArgs fields it forwards (
 }
 VLLM_SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "max_tokens", "seed", "logprobs", "detokenize"}
 UNSLOTH_FROM_PRETRAINED = {"model_name", "max_seq_length", "dtype", "load_in_4bit", "trust_remote_code", "random_state", "fast_inference",
-                           "gpu_memory_utilization", "max_lora_rank"}
+                           "gpu_memory_utilization", "max_lora_rank", "training"}  # training: a load_vllm kwarg it forwards
 UNSLOTH_PEFT = {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_gradient_checkpointing", "random_state"}
 
 

@@ -186,9 +186,12 @@ def measure_forms(model, tok, task: str = "addition", n: int = 256, seed: int = 
 
 # ----------------------------------------------------------------------------- cached build
 def settings_hash(tiny_cfg) -> str:
-    # No transformers version in the key: the saved directory loads the same under 4.x and 5.x
-    # (tests/test_tiny.py checks the tokenizer), so both test lanes share one build.
-    blob = json.dumps({"v": BUILD_VERSION, **asdict(tiny_cfg)}, sort_keys=True)
+    from transformers import __version__ as tf_version
+
+    # The transformers major is in the key: the directory loads under either (tests/test_tiny.py), but
+    # a warm start trained under another major need not be bit-identical, and a run must not depend
+    # on which lane happened to build the cache first.
+    blob = json.dumps({"v": BUILD_VERSION, "tf": tf_version.split(".")[0], **asdict(tiny_cfg)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 STATE_FILE = "trainer_state.pt"
 
 
@@ -74,6 +76,9 @@ def find_latest(ckpt_root: str | Path) -> Path | None:
 def load(ckpt_dir: str | Path, model) -> dict[str, Any]:
     """Load adapter weights into `model` (in place) and return the trainer state."""
     ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / STATE_FILE).is_file():
+        raise UserError(f"{ckpt_dir} is not a fipo_lite checkpoint (no {STATE_FILE}); point trainer.resume at a "
+                        "checkpoints/step_NNNNNN directory, or use auto / never")
     state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
     adapter_dir = ckpt_dir / "adapter"
     if hasattr(model, "peft_config"):
@@ -82,16 +87,16 @@ def load(ckpt_dir: str | Path, model) -> dict[str, Any]:
 
         weights = adapter_dir / "adapter_model.safetensors"
         if not weights.is_file():
-            raise ValueError(f"checkpoint {ckpt_dir} has no adapter weights at {weights}")
+            raise UserError(f"checkpoint {ckpt_dir} has no adapter weights at {weights}")
         result = set_peft_model_state_dict(model, load_file(str(weights), device=str(next(model.parameters()).device)))
         if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"checkpoint {ckpt_dir} does not match the model: unexpected keys {result.unexpected_keys[:5]}")
+            raise UserError(f"checkpoint {ckpt_dir} does not match the model: unexpected keys {result.unexpected_keys[:5]}")
     else:
         from safetensors.torch import load_file
 
         files = sorted(adapter_dir.glob("*.safetensors"))
         if not files:
-            raise ValueError(f"checkpoint {ckpt_dir} has no model weights in {adapter_dir}")
+            raise UserError(f"checkpoint {ckpt_dir} has no model weights in {adapter_dir}")
         sd = {}
         for f in files:
             sd.update(load_file(str(f)))

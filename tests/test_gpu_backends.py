@@ -46,7 +46,8 @@ def test_vllm_llm_kwargs_follow_config_and_signature():
     kw = vllm_engine.vllm_llm_kwargs(_cfg("rollout.vllm.gpu_memory_utilization=0.3", "lora.r=32", "rollout.vllm.max_lora_rank=32"), "/m")
     assert kw["model"] == "/m" and kw["gpu_memory_utilization"] == 0.3 and kw["max_lora_rank"] == 32
     assert kw["enable_lora"] is True and kw["enable_sleep_mode"] is True and kw["max_model_len"] == 2048
-    assert "quantization" not in kw and "enable_lora" not in vllm_engine.vllm_llm_kwargs(_cfg("lora.enable=false"), "/m")
+    assert "quantization" not in kw
+    assert vllm_engine.vllm_llm_kwargs(_cfg("rollout.vllm.max_model_len=null"), "/m")["max_model_len"] == 512 + 1024  # derived
     assert vllm_engine.vllm_llm_kwargs(_cfg("rollout.vllm.quantization=bitsandbytes"), "/m")["quantization"] == "bitsandbytes"
     names = VLLM_LLM_KWARGS
     if _has("vllm"):

@@ -23,13 +23,14 @@ from typing import Any, Optional
 
 import torch
 
-from ..objective import LOSS_AGG_MODES, from_recipe, policy_loss
+from ..future_kl import TAU
+from ..objective import LOSS_AGG_MODES, from_recipe, policy_loss, resolve_clip_high
 
 NAME = "future_kl"
 ENV = "FIPO_LITE_VERL_KNOBS"
 # The upstream recipe's knobs and the published Qwen2.5-32B values (spec section 12).
 DEFAULT_KNOBS: dict[str, Any] = {
-    "decay_rate": 32.0, "chunk_size": None, "future_kl_start": "include_current", "future_kl_window": -1,
+    "decay_rate": TAU, "chunk_size": None, "future_kl_start": "include_current", "future_kl_window": -1,
     "future_kl_average": False, "future_kl_clip_ratio": 0.2, "future_kl_clip_high_only": True, "safety_thresh": 10.0,
 }
 
@@ -149,7 +150,7 @@ def launcher_overrides(cfg, target: str = "stock") -> list[str]:
         raise ValueError(f"target must be 'stock' or 'fork', got {target!r}")
     a, t, r, d = cfg.algorithm, cfg.trainer, cfg.rollout, cfg.data
     knobs = recipe_knobs(cfg)
-    clip_high = a.clip_high if a.clip_high is not None else 0.28
+    clip_high = resolve_clip_high(a.loss_mode, a.clip_low, a.clip_high)
     actor = "actor_rollout_ref.actor"
     out = [
         "algorithm.adv_estimator=grpo", f"algorithm.norm_adv_by_std_in_grpo={a.norm_adv_by_std}",

@@ -306,6 +306,15 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(msg)
 
 
+def gen_batch_size(cfg: DictConfig) -> int:
+    """Prompts per generation batch: trainer.gen_batch_size, 0 = 4 x train_batch_size (the recipe's
+    gen_prompt_bsz); without dynamic sampling a step samples exactly train_batch_size prompts."""
+    t = cfg.trainer
+    if not cfg.algorithm.filter_groups.enable:
+        return t.train_batch_size
+    return t.gen_batch_size or 4 * t.train_batch_size
+
+
 def policy_loss_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The algorithm section as keyword arguments of `fipo_lite.policy_loss`."""
     a = cfg.algorithm

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, metrics as M
-from .config import load_config, policy_loss_kwargs
+from .config import gen_batch_size, load_config, policy_loss_kwargs
 from .data import encode_prompts
 from .engines import SamplingParams, build_engine
 from .errors import UserError
@@ -108,15 +108,6 @@ def has_signal(group: Group, metric: str) -> bool:
     """DAPO's filter: keep a group whose metric (acc | score) varies, or a single-sample group (as the recipe)."""
     values = {"acc": group.accs, "score": group.scores}[metric]
     return len(values) == 1 or max(values) != min(values)
-
-
-def gen_batch_size(cfg: DictConfig) -> int:
-    """Prompts per generation batch: trainer.gen_batch_size, 0 = 4 x train_batch_size (the recipe's
-    gen_prompt_bsz); without dynamic sampling a step samples exactly train_batch_size prompts."""
-    t = cfg.trainer
-    if not cfg.algorithm.filter_groups.enable:
-        return t.train_batch_size
-    return t.gen_batch_size or 4 * t.train_batch_size
 
 
 class DynamicSamplingError(UserError):

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from fipo_lite import metrics as M
-from fipo_lite.config import ConfigError, load_config
+from fipo_lite.config import ConfigError, gen_batch_size, load_config
 from fipo_lite import rewards
 from fipo_lite.engines.base import Rollout, SamplingParams
 from fipo_lite.example import Example
-from fipo_lite.trainer import (PromptStream, collect_groups, gen_batch_size, group_advantages, group_metrics, main,
-                               micro_batches, Sample, train)
+from fipo_lite.trainer import PromptStream, collect_groups, group_advantages, group_metrics, main, micro_batches, Sample, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ from .future_kl import TAU, _future_kl, check_options, check_tensor
 MODES = ("fipo", "dapo", "grpo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 DEFAULT_AGG = {"fipo": "token-mean", "dapo": "token-mean", "grpo": "seq-mean-token-mean"}
-CLIP_HIGH = 0.28  # DAPO's clip-higher, used by fipo and dapo when clip_high is None (grpo: symmetric)
 RATIO_QUANTILES = (("p25", 0.25), ("p50", 0.5), ("p75", 0.75), ("p99_5", 0.995), ("p99_9", 0.999))
 _FKL_EXP_CAP = 80.0  # exp(FutureKL) is reported saturated at e**80 (only the metric; f is clipped far lower)
+CLIP_HIGH = 0.28  # DAPO's clip-higher: the token clip's upper range for fipo/dapo (grpo: symmetric)
 
 
 def aggregate(loss_mat: torch.Tensor, keep: torch.Tensor, mode: str, *, denominator: float | None = None, max_response_length: int | None = None) -> torch.Tensor:
@@ -46,13 +46,6 @@ def aggregate(loss_mat: torch.Tensor, keep: torch.Tensor, mode: str, *, denomina
     if den <= 0:
         return masked.sum() * 0.0
     return num / den
-
-
-def resolve_clip_high(mode: str, clip_low: float, clip_high: float | None) -> float:
-    """The upper token-clip range: as given, else CLIP_HIGH (fipo/dapo) or clip_low (grpo's symmetric clip)."""
-    if clip_high is not None:
-        return clip_high
-    return clip_low if mode == "grpo" else CLIP_HIGH
 
 
 def influence_bounds(future_kl_clip_ratio: float, high_only: bool) -> tuple[float, float]:
@@ -151,7 +144,7 @@ def policy_loss(
     """Clipped policy-gradient loss with FIPO's Future-KL influence weights.
 
     mode: "fipo" (spec 4-7), "dapo" (f = 1, no invalidation) or "grpo" (symmetric clip,
-    optional k3 KL to `ref_logp` with `kl_coef`). clip_high defaults to CLIP_HIGH (0.28) for fipo/dapo and to
+    optional k3 KL to `ref_logp` with `kl_coef`). clip_high defaults to CLIP_HIGH for fipo/dapo and to
     clip_low (symmetric) for grpo; loss_agg_mode defaults to token-mean (fipo/dapo) or
     seq-mean-token-mean (grpo). `mask_dual_clip=False` lets ratios above c into the Future-KL
     sums and `invalidate_dual_clipped=False` keeps sequences with several dual-clipped tokens
@@ -177,7 +170,8 @@ def policy_loss(
         check_tensor("ref_logp", ref_logp, shape)
     if is_weights is not None:
         check_tensor("is_weights", is_weights, shape)
-    clip_high = resolve_clip_high(mode, clip_low, clip_high)
+    if clip_high is None:
+        clip_high = clip_low if mode == "grpo" else CLIP_HIGH
 
     dtype = torch.promote_types(logp.dtype, torch.float32)  # bf16/fp16 in, float32 math
     logp_c, old = logp.to(dtype), old_logp.detach().to(dtype)

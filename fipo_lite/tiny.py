@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 
-from .data import encode_prompt
-
 BUILD_VERSION = 1  # bump when the tokenizer, task format or training recipe changes
 PAD, BOS, EOS, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"
 CHARS = "0123456789+-*/=()[]{}<>,.:;!?'\"\\_^| \n" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -107,6 +105,7 @@ def save_random_tiny(path, *, seed: int = 0, hidden_size: int = 128, num_layers:
 # ----------------------------------------------------------------------------- warm start
 def _sft_batch(tok, examples, forms, device):
     """Right-padded prompt+response ids with labels only on the response (and its EOS)."""
+    from .data import encode_prompt
     from .tasks import format_response
 
     seqs, labels = [], []
@@ -159,6 +158,7 @@ def warm_start(model, tok, tiny_cfg, log=print) -> None:
 def measure_forms(model, tok, task: str = "addition", n: int = 256, seed: int = 0, temperature: float = 1.0,
                   max_new_tokens: int = 64) -> dict[str, float]:
     """Sample once per val problem; accuracy overall and by answer form, and the share of each form."""
+    from .data import encode_prompt
     from .engines.base import SamplingParams
     from .engines.hf import HFEngine
     from .rewards import exact_reward  # the synthetic task's training reward

@@ -40,7 +40,7 @@ def test_parquet_without_prompt_column(capsys, tiny_model_dir, tmp_path):
 def test_missing_checkpoint(capsys, tiny_model_dir, tmp_path):
     not_a_ckpt = tmp_path / "step_000003"
     not_a_ckpt.mkdir()
-    assert "is not a fipo_lite checkpoint" in _train(capsys, tiny_model_dir, tmp_path, f"trainer.resume={not_a_ckpt}")
+    assert str(not_a_ckpt) in _train(capsys, tiny_model_dir, tmp_path, f"trainer.resume={not_a_ckpt}")
 
 
 @pytest.mark.parametrize("path,match", [("no/such-model-here", "cannot load a causal LM"), ("./nowhere", "neither a local model directory")])

@@ -12,7 +12,7 @@ from fipo_lite.config import ConfigError, choices, load_config
 from fipo_lite.data import encode_prompt
 from fipo_lite.engines.vllm import VLLM_LORA_RANKS, max_model_len
 from fipo_lite.future_kl import TAU
-from fipo_lite.objective import CLIP_HIGH, MODES, policy_loss, resolve_clip_high
+from fipo_lite.objective import MODES, policy_loss
 
 VLLM = ["rollout.engine=vllm"]
 
@@ -24,7 +24,6 @@ def test_defaults_and_choices_come_from_their_modules():
                 "window", "average", "mask_dual_clip", "invalidate_dual_clipped", "loss_agg_mode", "kl_coef"):
         assert cfg.algorithm[key] == loss_defaults[key], key
     assert cfg.algorithm.tau == TAU == 32.0 and cfg.algorithm.loss_mode == loss_defaults["mode"]
-    assert resolve_clip_high("fipo", 0.2, None) == CLIP_HIGH == 0.28 and resolve_clip_high("grpo", 0.2, None) == 0.2
     c = choices()
     assert c["model.backend"] is BACKENDS and c["algorithm.loss_mode"] is MODES and c["rollout.vllm.max_lora_rank"] is VLLM_LORA_RANKS
 

@@ -21,15 +21,10 @@ from .base import Rollout, SamplingParams
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
 
-def max_model_len(cfg) -> int:
-    """rollout.vllm.max_model_len, or when unset (None/0) the longest sequence a run makes: prompt + response."""
-    return cfg.rollout.vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
-
-
 def vllm_llm_kwargs(cfg, model_path: str) -> dict:
-    """Keyword arguments of `vllm.LLM(...)` from the run config; bad combinations raise ValueError.
-    (The length and LoRA-rank rules are checked when the config is loaded: `config.validate`.)"""
+    """Keyword arguments of `vllm.LLM(...)` from the run config; bad combinations raise ValueError."""
     v = cfg.rollout.vllm
+    # max_model_len (derived when unset) and the LoRA-rank rules are checked by config.validate
     if not 0 < v.gpu_memory_utilization <= 1:
         raise ValueError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {v.gpu_memory_utilization}")
     if v.sleep_level not in (1, 2):
@@ -52,6 +47,11 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict:
     if params.logprobs:
         kw["logprobs"] = 0  # only the sampled token's log-prob (vLLM always returns that one)
     return kw
+
+
+def max_model_len(cfg) -> int:
+    """rollout.vllm.max_model_len, or when unset (None/0) the longest sequence a run makes: prompt + response."""
+    return cfg.rollout.vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
 
 
 def rollout_from_outputs(outputs, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from ..future_kl import TAU
-from ..objective import LOSS_AGG_MODES, from_recipe, policy_loss, resolve_clip_high
+from ..objective import LOSS_AGG_MODES, from_recipe, policy_loss
 
 NAME = "future_kl"
 ENV = "FIPO_LITE_VERL_KNOBS"
@@ -150,7 +150,7 @@ def launcher_overrides(cfg, target: str = "stock") -> list[str]:
         raise ValueError(f"target must be 'stock' or 'fork', got {target!r}")
     a, t, r, d = cfg.algorithm, cfg.trainer, cfg.rollout, cfg.data
     knobs = recipe_knobs(cfg)
-    clip_high = resolve_clip_high(a.loss_mode, a.clip_low, a.clip_high)
+    clip_high = a.clip_high if a.clip_high is not None else 0.28
     actor = "actor_rollout_ref.actor"
     out = [
         "algorithm.adv_estimator=grpo", f"algorithm.norm_adv_by_std_in_grpo={a.norm_adv_by_std}",

@@ -95,9 +95,9 @@ def _example(row: Any, i: int, path: Path) -> Example:
 
 def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the chat template applied to `messages`, generation prompt included.
-    transformers 4.x returns a list of ids, 5.x a BatchEncoding; both become a plain list here."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if hasattr(ids, "keys"):  # BatchEncoding (transformers >= 5 returns a dict by default)
+    transformers 4.x returns a list of ids, 5.x a BatchEncoding unless return_dict=False; both become a plain list."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if hasattr(ids, "keys"):  # a BatchEncoding all the same (a tokenizer that ignores return_dict)
         ids = ids["input_ids"]
     return [int(t) for t in ids]
 

@@ -64,7 +64,7 @@ def test_encode_prompt_takes_a_list_or_a_batch_encoding():
         def __init__(self, as_dict):
             self.as_dict = as_dict
 
-        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize, return_dict):
             ids = [ord(c) for m in messages for c in m["content"]]
             return BatchEncoding({"input_ids": ids, "attention_mask": [1] * len(ids)}) if self.as_dict else ids
 

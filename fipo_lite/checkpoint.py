@@ -28,12 +28,14 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names it and why."""
 
 

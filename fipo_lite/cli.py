@@ -15,7 +15,7 @@ COMMANDS = {
     "plot": ("fipo_lite.plots", "response-length dynamics of one or more runs: plot RUN_DIR [...] -o OUT.png"),
     "ablate": ("fipo_lite.ablate", "run a grid of overrides over seeds: ablate configs/ablations/NAME.yaml"),
     "plan": ("fipo_lite.planner", "predict peak GPU memory: plan --config FILE --gpu-gb N"),
-    "build-tiny": ("fipo_lite.tiny", "build (or reuse) the tiny CPU model and print its path"),
+    "build-tiny": ("fipo_lite.tiny_cli", "build (or reuse) the tiny CPU model and print its path"),
 }
 
 

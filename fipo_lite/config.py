@@ -1,12 +1,18 @@
 """Typed run configuration: YAML file + dotted overrides, merged and validated by OmegaConf.
 
-The dataclasses below are the single source of truth for every knob and its default. An unknown
-key is an error naming the closest valid keys; a wrong type is an error naming the key.
+The dataclasses below list every knob. A default or a set of allowed values that belongs to
+another module is read from it, never repeated: the objective's defaults from `policy_loss`'s
+signature, tau from `future_kl.TAU`, backends/engines/dtypes/devices/loss modes/starts/aggregations
+and vLLM's LoRA ranks from their modules, `reward.name` from the reward registry at load time (so
+rewards added with `rewards.register` are accepted). An unknown key is an error naming the closest
+valid keys; a wrong type is an error naming the key; cross-field rules (e.g. LoRA rank vs the
+sampler's maximum) are checked here so a CPU user sees them too.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -14,24 +20,21 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .backends import BACKENDS
+from .backends.hf import DEVICES, DTYPES
+from .engines import ENGINES
+from .engines.vllm import VLLM_LORA_RANKS, max_model_len
+from .errors import UserError
+from .future_kl import STARTS
+from .objective import LOSS_AGG_MODES, MODES, policy_loss
+from .rewards import reward_names
+from .tiny import TinyModelConfig
 
-@dataclass
-class TinyModelConfig:
-    """The built-in tiny Qwen2 model and its supervised warm start (used when model.path == "tiny")."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    warm_start_steps: int = 1200
-    warm_start_batch_size: int = 64
-    warm_start_lr: float = 3e-3
-    direct_fraction: float = 0.2  # share of direct answers while both forms are learned
-    prior_steps: int = 150  # final warm-start steps that set the form prior ...
-    prior_direct_fraction: float = 0.9  # ... towards the short direct answer, so RL has room to learn "think longer"
-    task: str = "addition3"  # synthetic task of fipo_lite.tasks used for the warm start
-    seed: int = 0
+# policy_loss's keyword defaults are the algorithm section's defaults (one home for each number).
+_LOSS = {k: p.default for k, p in inspect.signature(policy_loss).parameters.items() if p.default is not p.empty}
+FILTER_METRICS = ("acc", "score")  # the trainer's dynamic sampling keeps groups whose metric varies
+ON_CAP = ("error", "partial")  # what dynamic sampling does when max_num_gen_batches is reached
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 
 
 @dataclass
@@ -61,11 +64,11 @@ class LoraConfig:
 @dataclass
 class VllmConfig:
     gpu_memory_utilization: float = 0.5
-    max_model_len: int = 4096
+    max_model_len: Optional[int] = None  # None/0: data.max_prompt_length + rollout.max_new_tokens
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     enable_sleep_mode: bool = True
-    max_lora_rank: int = 64
+    max_lora_rank: int = 64  # one of vLLM's LoRA ranks, >= lora.r
     enforce_eager: bool = False
     dtype: str = "bfloat16"
     quantization: Optional[str] = None  # e.g. "bitsandbytes": 4-bit sampler weights (unsloth backend: Unsloth configures its own vLLM)
@@ -104,7 +107,7 @@ class OverlongConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "auto"  # auto (by data_source) | exact | dapo_math | boxed
+    name: str = "auto"  # auto (by data_source) | exact | dapo_math | boxed | any name given to rewards.register
     timeout_s: float = 5.0  # a reward call past this scores 0 and is counted
     num_workers: int = 1  # reward processes (a runaway call is killed with its process)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
@@ -112,29 +115,32 @@ class RewardConfig:
 
 @dataclass
 class FilterGroupsConfig:
-    enable: bool = True  # DAPO dynamic sampling
+    enable: bool = True  # DAPO dynamic sampling: train only on groups whose metric varies
     metric: str = "acc"  # acc | score
-    max_num_gen_batches: int = 4  # 0: no limit
+    max_num_gen_batches: int = 10  # generation batches per step before on_cap applies; 0: no limit (recipe: 10)
+    # At the cap: "error" stops the run with a message saying what to change (the recipe's behaviour);
+    # "partial" trains on the groups kept so far (fewer than train_batch_size; metric train/partial_batch = 1).
+    on_cap: str = "error"
 
 
 @dataclass
 class AlgorithmConfig:
-    loss_mode: str = "fipo"  # fipo | dapo | grpo
+    loss_mode: str = _LOSS["mode"]  # fipo | dapo | grpo
     norm_adv_by_std: bool = True  # False: Dr. GRPO mean-only advantages
-    clip_low: float = 0.2
-    clip_high: Optional[float] = None  # None: 0.28 (fipo/dapo), clip_low (grpo)
-    dual_clip_c: float = 10.0
-    tau: float = 32.0
-    fkl_clip_low: float = 1.0
-    fkl_clip_high: float = 1.2
-    safety_thresh: float = 10.0
-    start: str = "include_current"
-    window: int = -1
-    average: bool = False
-    mask_dual_clip: bool = True
-    invalidate_dual_clipped: bool = True
-    loss_agg_mode: Optional[str] = None  # None: the mode's default
-    kl_coef: float = 0.0  # grpo: k3 KL to the frozen reference (the base model without adapter)
+    clip_low: float = _LOSS["clip_low"]
+    clip_high: Optional[float] = _LOSS["clip_high"]  # None: objective.CLIP_HIGH = 0.28 (fipo/dapo), clip_low (grpo)
+    dual_clip_c: float = _LOSS["dual_clip_c"]
+    tau: float = _LOSS["tau"]  # future_kl.TAU = 32
+    fkl_clip_low: float = _LOSS["fkl_clip_low"]
+    fkl_clip_high: float = _LOSS["fkl_clip_high"]
+    safety_thresh: float = _LOSS["safety_thresh"]
+    start: str = _LOSS["start"]
+    window: int = _LOSS["window"]
+    average: bool = _LOSS["average"]
+    mask_dual_clip: bool = _LOSS["mask_dual_clip"]
+    invalidate_dual_clipped: bool = _LOSS["invalidate_dual_clipped"]
+    loss_agg_mode: Optional[str] = _LOSS["loss_agg_mode"]  # None: the mode's default (objective.DEFAULT_AGG)
+    kl_coef: float = _LOSS["kl_coef"]  # grpo: k3 KL to the frozen reference (the base model without adapter)
     tis_cap: Optional[float] = None  # truncated importance sampling against sampler log-probs
     filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
 
@@ -142,7 +148,10 @@ class AlgorithmConfig:
 @dataclass
 class TrainerConfig:
     total_steps: int = 40
-    train_batch_size: int = 16  # prompts per step
+    train_batch_size: int = 16  # prompts per step (the groups trained on)
+    # Prompts sampled per generation batch of dynamic sampling; 0: 4 x train_batch_size (the recipe's
+    # gen_prompt_bsz). With algorithm.filter_groups.enable=false every step samples train_batch_size prompts.
+    gen_batch_size: int = 0
     ppo_mini_batch_size: int = 8  # prompts per optimizer step
     micro_batch_size: int = 32  # sequences per forward/backward
     max_tokens_per_micro_batch: int = 0  # >0: pack micro-batches by a token budget instead
@@ -197,21 +206,27 @@ RESUME_SAFE_KEYS = frozenset({
 })
 
 
-CHOICES = {
-    "model.backend": ("hf", "bnb4", "unsloth"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.device": ("auto", "cpu", "cuda"),
-    "rollout.engine": ("hf", "vllm"),
-    "reward.name": ("auto", "exact", "dapo_math", "boxed"),
-    "algorithm.loss_mode": ("fipo", "dapo", "grpo"),
-    "algorithm.start": ("include_current", "exclude_current"),
-    "algorithm.loss_agg_mode": (None, "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
-    "algorithm.filter_groups.metric": ("acc", "score"),
-    "trainer.optimizer": ("adamw", "paged_adamw_8bit"),
-}
+
+def choices() -> dict[str, tuple]:
+    """The allowed values of every key that has a fixed set, each read from the module that owns it
+    (reward names at call time, so registered rewards count)."""
+    return {
+        "model.backend": BACKENDS,
+        "model.dtype": tuple(DTYPES),
+        "model.device": DEVICES,
+        "rollout.engine": ENGINES,
+        "rollout.vllm.max_lora_rank": VLLM_LORA_RANKS,
+        "reward.name": reward_names(),
+        "algorithm.loss_mode": MODES,
+        "algorithm.start": STARTS,
+        "algorithm.loss_agg_mode": (None, *LOSS_AGG_MODES),
+        "algorithm.filter_groups.metric": FILTER_METRICS,
+        "algorithm.filter_groups.on_cap": ON_CAP,
+        "trainer.optimizer": OPTIMIZERS,
+    }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad config key or value; the message names it."""
 
 
@@ -275,11 +290,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; valid values: {[a for a in allowed]}")
-    t, a, r = cfg.trainer, cfg.algorithm, cfg.rollout
+    t, a, r, v = cfg.trainer, cfg.algorithm, cfg.rollout, cfg.rollout.vllm
+    vllm = r.engine == "vllm"
     checks = [
         (t.train_batch_size >= 1, "trainer.train_batch_size must be >= 1"),
         (t.ppo_mini_batch_size >= 1, "trainer.ppo_mini_batch_size must be >= 1"),
@@ -294,11 +310,30 @@ def validate(cfg: DictConfig) -> None:
         (a.tau > 0, "algorithm.tau must be > 0"),
         (0 <= a.fkl_clip_low <= a.fkl_clip_high, "need 0 <= algorithm.fkl_clip_low <= algorithm.fkl_clip_high"),
         (a.window == -1 or a.window > 0, "algorithm.window must be -1 or > 0"),
+        (t.gen_batch_size >= 0, "trainer.gen_batch_size must be >= 0 (0: 4 x trainer.train_batch_size)"),
+        (a.filter_groups.max_num_gen_batches >= 0, "algorithm.filter_groups.max_num_gen_batches must be >= 0 (0: no limit)"),
+        (not vllm or cfg.lora.enable, "rollout.engine=vllm samples with the policy's LoRA adapter and needs lora.enable=true "
+                                       "(full fine-tuning cannot hand its weights to vLLM; use rollout.engine=hf)"),
+        (not vllm or not cfg.lora.enable or cfg.lora.r <= v.max_lora_rank,
+         f"lora.r={cfg.lora.r} exceeds rollout.vllm.max_lora_rank={v.max_lora_rank}; raise it to one of "
+         f"{[k for k in VLLM_LORA_RANKS if k >= cfg.lora.r]} or lower lora.r"),
+        (not vllm or max_model_len(cfg) >= cfg.data.max_prompt_length + r.max_new_tokens,
+         f"rollout.vllm.max_model_len={v.max_model_len} < data.max_prompt_length + rollout.max_new_tokens = "
+         f"{cfg.data.max_prompt_length + r.max_new_tokens}; raise it, or leave it unset to derive it"),
         (t.resume in ("auto", "never") or Path(t.resume).exists(), f"trainer.resume must be auto, never or an existing checkpoint path, got {t.resume!r}"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def gen_batch_size(cfg: DictConfig) -> int:
+    """Prompts per generation batch: trainer.gen_batch_size, 0 = 4 x train_batch_size (the recipe's
+    gen_prompt_bsz); without dynamic sampling a step samples exactly train_batch_size prompts."""
+    t = cfg.trainer
+    if not cfg.algorithm.filter_groups.enable:
+        return t.train_batch_size
+    return t.gen_batch_size or 4 * t.train_batch_size
 
 
 def policy_loss_kwargs(cfg: DictConfig) -> dict[str, Any]:

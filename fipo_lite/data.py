@@ -1,38 +1,38 @@
-"""Training and evaluation prompts: the Example record every loader returns.
+"""Training and evaluation prompts: loaders that return `Example`s, and the one prompt encoder.
 
-Loaders (JSONL, verl-format parquet, synthetic tasks) all produce `Example`s; the loop applies
-the tokenizer's chat template to `prompt` and hands `ground_truth` to the reward.
+Loaders (JSONL, verl-format parquet, synthetic tasks) all produce `Example`s; `encode_prompts`
+applies the tokenizer's chat template to `prompt` (trainer, evaluation and the tiny model's warm
+start all use it) and the reward gets `ground_truth`. A bad file raises `DataError`, which the
+commands print as one line.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+from .example import Example
+from .tasks import make_examples
 
-@dataclass
-class Example:
-    prompt: list[dict[str, str]]  # chat messages, e.g. [{"role": "user", "content": "12+34="}]
-    ground_truth: str
-    data_source: str = "unknown"
-    index: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+__all__ = ["DataError", "Example", "encode_prompt", "encode_prompts", "load_examples"]
+
+
+class DataError(UserError):
+    """A data file (or spec) that cannot be read as prompts; the message names the file and row."""
 
 
 def load_examples(spec: str, *, n: int | None = None, seed: int = 0, split: str = "train") -> list[Example]:
     """`synthetic:NAME` (n problems of that task, `split` and `seed` pick a disjoint, shuffled set), or
     a `.jsonl` / verl-format `.parquet` file (its first `n` rows in file order; None = all)."""
     if n is not None and n < 1:
-        raise ValueError(f"n must be >= 1 (or None for all rows), got {n}")
+        raise DataError(f"n must be >= 1 (or None for all rows), got {n}")
     if spec.startswith("synthetic:"):
-        from .tasks import make_examples
-
         return make_examples(spec.split(":", 1)[1], n, seed, split)
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"data file not found: {spec!r} (expected synthetic:NAME, a .jsonl or a .parquet file)")
+        raise DataError(f"data file not found: {spec!r} (expected synthetic:NAME, a .jsonl or a .parquet file)")
     if path.suffix == ".jsonl":
         rows = _jsonl_rows(path)[:n]
     elif path.suffix == ".parquet":
@@ -42,10 +42,13 @@ def load_examples(spec: str, *, n: int | None = None, seed: int = 0, split: str 
         try:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{path}: cannot read as parquet: {e}") from None
+            raise DataError(f"{path}: cannot read as parquet: {e}") from None
+        if "prompt" not in table.column_names:
+            raise DataError(f"{path}: no 'prompt' column (columns: {', '.join(table.column_names)}); "
+                            "expected verl's schema (prompt, reward_model.ground_truth, data_source) or prompt + answer")
         rows = (table if n is None else table.slice(0, n)).to_pylist()
     else:
-        raise ValueError(f"unsupported data file {spec!r}: use .jsonl or verl-format .parquet")
+        raise DataError(f"unsupported data file {spec!r}: use .jsonl or verl-format .parquet")
     return [_example(row, i, path) for i, row in enumerate(rows)]
 
 
@@ -58,7 +61,7 @@ def _jsonl_rows(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {len(rows)} (line {i + 1}) is not valid JSON: {e.msg}") from None
+                raise DataError(f"{path}: row {len(rows)} (line {i + 1}) is not valid JSON: {e.msg}") from None
             rows.append(row)
     return rows
 
@@ -67,24 +70,45 @@ def _example(row: Any, i: int, path: Path) -> Example:
     """verl schema (prompt = chat list, reward_model.ground_truth, data_source) or flat {prompt, answer}."""
     where = f"{path}: row {i}"
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
     prompt = row.get("prompt")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
-        raise ValueError(f"{where}: 'prompt' must be a non-empty list of chat messages or a string, got {prompt!r:.80}")
+        raise DataError(f"{where}: 'prompt' must be a non-empty list of chat messages or a string, got {prompt!r:.80}")
     for m in prompt:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: each prompt message needs string 'role' and 'content', got {m!r:.80}")
+            raise DataError(f"{where}: each prompt message needs string 'role' and 'content', got {m!r:.80}")
     rm = row.get("reward_model")
     truth = rm.get("ground_truth") if isinstance(rm, dict) else None
     if truth is None:
         truth = row.get("ground_truth", row.get("answer"))
     if truth is None or isinstance(truth, (dict, list)):
-        raise ValueError(f"{where}: no ground truth (need reward_model.ground_truth, ground_truth or answer)")
+        raise DataError(f"{where}: no ground truth (need reward_model.ground_truth, ground_truth or answer)")
     source = row.get("data_source") or "unknown"
     if not isinstance(source, str):
-        raise ValueError(f"{where}: 'data_source' must be a string, got {source!r:.80}")
+        raise DataError(f"{where}: 'data_source' must be a string, got {source!r:.80}")
     extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
     return Example(prompt=[{"role": m["role"], "content": m["content"]} for m in prompt], ground_truth=str(truth),
                    data_source=source, index=i, extra=dict(extra))
+
+
+def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat template applied to `messages`, generation prompt included.
+    transformers 4.x returns a list of ids, 5.x a BatchEncoding unless return_dict=False; both become a plain list."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if hasattr(ids, "keys"):  # a BatchEncoding all the same (a tokenizer that ignores return_dict)
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def encode_prompts(tokenizer, examples: list[Example], max_prompt_length: int | None = None) -> list[list[int]]:
+    """`encode_prompt` of every example; a prompt longer than `max_prompt_length` is a DataError."""
+    ids = []
+    for ex in examples:
+        p = encode_prompt(tokenizer, ex.prompt)
+        if max_prompt_length is not None and len(p) > max_prompt_length:
+            raise DataError(f"prompt of example {ex.index} ({ex.data_source}) has {len(p)} tokens > "
+                            f"data.max_prompt_length={max_prompt_length}")
+        ids.append(p)
+    return ids

@@ -15,7 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 from . import metrics as M
+from .data import encode_prompts
 from .engines.base import SamplingParams
+from .rollout import sample_and_score
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -71,14 +73,10 @@ def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParam
     if params.n < k:
         raise ValueError(f"need at least k={k} samples per problem, got params.n={params.n}")
     if prompt_ids is None:
-        prompt_ids = [tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for e in examples]
-    ro = engine.generate(prompt_ids, params)
-    texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
-    ex = [examples[i] for i in ro.prompt_index]
-    rew = reward_fn(texts, [e.ground_truth for e in ex], [e.data_source for e in ex], ro.response_lengths)
-    by_prompt: list[list[int]] = [[] for _ in examples]
-    for i, q in enumerate(ro.prompt_index):
-        by_prompt[q].append(i)
+        prompt_ids = encode_prompts(tokenizer, examples)
+    scored = sample_and_score(engine, tokenizer, examples, prompt_ids, params, reward_fn)
+    ro, texts, rew = scored.rollout, scored.texts, scored.rewards
+    by_prompt = scored.rows_by_prompt(len(examples))
     rows = []
     for example, idx in zip(examples, by_prompt):
         accs = [rew.accs[i] for i in idx]
@@ -142,9 +140,10 @@ def vllm_engine_for_eval(base: str, adapter: Path | None, tokenizer, max_prompt_
     from .engines.vllm import VLLM_LORA_RANKS, VLLMEngine
 
     over = [f"model.path={base}", "rollout.engine=vllm", f"seed={args.seed}", f"rollout.max_new_tokens={args.max_new_tokens}",
-            f"data.max_prompt_length={max_prompt_len}", f"rollout.vllm.max_model_len={max_prompt_len + args.max_new_tokens}",
+            f"data.max_prompt_length={max_prompt_len}",  # rollout.vllm.max_model_len is derived: prompt + response
             "rollout.vllm.enable_sleep_mode=false", f"rollout.vllm.dtype={args.dtype or 'bfloat16'}",
-            f"rollout.vllm.gpu_memory_utilization={args.gpu_memory_utilization}", f"lora.enable={adapter is not None}",
+            f"rollout.vllm.gpu_memory_utilization={args.gpu_memory_utilization}",
+            "lora.enable=true",  # the run config requires it with vLLM; a base model simply gets no LoRARequest
             f"output_dir={tempfile.mkdtemp(prefix='fipo_eval_')}"]
     if adapter is not None:
         r = int(json.loads((adapter / "adapter_config.json").read_text())["r"])
@@ -161,6 +160,10 @@ def vllm_engine_for_eval(base: str, adapter: Path | None, tokenizer, max_prompt_
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backends.hf import DTYPES
+    from .engines import ENGINES
+    from .rewards import reward_names
+
     ap = argparse.ArgumentParser(prog="fipo_lite evaluate", description="avg@k, pass@k and cons@k of a model on a dataset.")
     ap.add_argument("--model", required=True, help="HF model dir or hub name, a checkpoint dir, or a run dir (latest checkpoint)")
     ap.add_argument("--data", required=True, help="synthetic:NAME, a .jsonl file or a verl-format .parquet file")
@@ -170,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=0.7, help="default 0.7 (paper)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--n-problems", type=int, default=None, help="evaluate only the first N problems")
-    ap.add_argument("--reward", default="auto", choices=["auto", "exact", "dapo_math", "boxed"])
+    ap.add_argument("--reward", default="auto", choices=reward_names())
     ap.add_argument("--reward-timeout", type=float, default=5.0, help="seconds per reward call before it scores 0")
-    ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    ap.add_argument("--engine", default="hf", choices=ENGINES)
     ap.add_argument("--device", default="auto", help="hf engine: auto | cpu | cuda")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 (hf), bfloat16 (vllm)")
+    ap.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: float32 (hf), bfloat16 (vllm)")
     ap.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences per generate call")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm engine")
     ap.add_argument("--seed", type=int, default=0)
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
             base, adapter = resolve_model(args.model)
             tok = load_tokenizer(base)
-            prompt_ids = [tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for e in examples]
+            prompt_ids = encode_prompts(tok, examples)
             engine = vllm_engine_for_eval(base, adapter, tok, max(len(p) for p in prompt_ids), args)
         else:
             from .engines.hf import HFEngine

@@ -24,6 +24,7 @@ import math
 import torch
 
 STARTS = ("include_current", "exclude_current")
+TAU = 32.0  # the paper's decay half-life in tokens (gamma = 2**(-1/tau)); the default everywhere
 
 
 def check_tensor(name: str, x: torch.Tensor, shape: torch.Size | None = None, floating: bool = True) -> None:
@@ -103,7 +104,7 @@ def future_kl(
     delta: torch.Tensor,
     mask: torch.Tensor,
     *,
-    tau: float = 32.0,
+    tau: float = TAU,
     dual_clip_c: float = 10.0,
     start: str = "include_current",
     window: int = -1,
@@ -160,7 +161,7 @@ def _future_kl(delta, mask, *, tau, dual_clip_c, start, window, average, mask_du
     return F.to(out_dtype)
 
 
-def future_kl_chunked(delta: torch.Tensor, mask: torch.Tensor, *, tau: float = 32.0, chunk_size: int = 1024) -> torch.Tensor:
+def future_kl_chunked(delta: torch.Tensor, mask: torch.Tensor, *, tau: float = TAU, chunk_size: int = 1024) -> torch.Tensor:
     """The paper's O(B*L^2) chunked algorithm (Appendix G, Listing 1): the speed baseline.
 
     `mask` must already include the dual-clip filter. Default start/window/average only.

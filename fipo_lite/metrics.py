@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 # Keys written by the loop every step (spec section 10). Objective diagnostics come from
-# `policy_loss` prefixed with "actor/".
+# `policy_loss` prefixed with "actor/". Reward, accuracy and response-length figures are those of
+# the batch trained on (the groups dynamic sampling kept), as the recipe logs them; the same
+# figures over everything sampled in the step are under SAMPLED's names.
 STEP = "step"
 REWARD_MEAN = "reward/mean"
 ACCURACY = "train/accuracy"
@@ -21,6 +23,9 @@ LENGTH_KEYS = ("min", "q25", "mean", "median", "q75", "max")
 LENGTH = {k: f"response_length/{k}" for k in LENGTH_KEYS}
 LENGTH_CLIP_RATIO = "response_length/clip_ratio"
 NUM_GEN_BATCHES = "train/num_gen_batches"
+KEPT_GROUPS = "train/kept_groups"  # groups trained on (train_batch_size unless the step was partial)
+PARTIAL_BATCH = "train/partial_batch"  # 1: dynamic sampling hit its cap and the step trained on fewer groups
+STEPS_FORM_FRAC = "train/steps_form_frac"  # synthetic tasks: share of digit-by-digit answers
 LENGTH_WEIGHTED_ADV = "train/length_weighted_adv"
 REWARD_FAILURES = "reward/failures"
 VAL_AVG = "val/avg_at_k"
@@ -30,6 +35,8 @@ VAL_LENGTH = "val/response_length_mean"
 ACTOR = "actor/"  # + a policy_loss metric name, e.g. actor/policy_kl, actor/influence_mean
 ENTROPY = "actor/entropy"
 GRAD_NORM = "actor/grad_norm"
+NUM_UPDATES = "actor/num_updates"
+SKIPPED_STEPS = "actor/skipped_steps"  # optimizer steps skipped for a non-finite gradient norm
 POLICY_KL = "actor/policy_kl"
 LOSS = "actor/loss"
 CLIP_FRAC = "actor/clip_frac"
@@ -39,6 +46,20 @@ INFLUENCE_MEAN = "actor/influence_mean"
 INFLUENCE_FRAC_UPPER = "actor/influence_frac_upper"
 INFLUENCE_FRAC_LOWER = "actor/influence_frac_lower"
 FKL_EXP_MEAN = "actor/fkl_exp_mean"
+
+# The trained-batch figures above, over every group sampled in the step (kept or filtered out).
+SAMPLED = {REWARD_MEAN: "sampled/reward_mean", ACCURACY: "sampled/accuracy", LENGTH_CLIP_RATIO: "sampled/response_length_clip_ratio",
+           STEPS_FORM_FRAC: "sampled/steps_form_frac", **{LENGTH[k]: f"sampled/response_length_{k}" for k in LENGTH_KEYS}}
+SAMPLED_GROUPS = "sampled/groups"
+
+
+def rollout_stats(lengths: list[int], truncated: list[bool], scores: list[float], accs: list[float]) -> dict[str, float]:
+    """Reward mean, accuracy, response-length statistics and clip ratio of a set of samples (NaN when empty)."""
+    n = len(lengths)
+    out = {REWARD_MEAN: sum(scores) / n if n else math.nan, ACCURACY: sum(accs) / n if n else math.nan,
+           LENGTH_CLIP_RATIO: sum(truncated) / n if n else math.nan}
+    out.update(length_stats(lengths))
+    return out
 
 
 def length_stats(lengths: Iterable[int]) -> dict[str, float]:

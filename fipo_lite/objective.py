@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .future_kl import _future_kl, check_options, check_tensor
+from .future_kl import TAU, _future_kl, check_options, check_tensor
 
 MODES = ("fipo", "dapo", "grpo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -134,7 +134,7 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip_c: float = 10.0,
-    tau: float = 32.0,
+    tau: float = TAU,
     fkl_clip_low: float = 1.0,
     fkl_clip_high: float = 1.2,
     safety_thresh: float = 10.0,

@@ -30,6 +30,11 @@ def register(name: str):
     return deco
 
 
+def reward_names() -> tuple[str, ...]:
+    """The values `reward.name` accepts now: "auto" (chosen per data_source) and every registered reward."""
+    return ("auto", *sorted(REWARDS))
+
+
 # ----------------------------------------------------------------------------- exact
 @register("exact")
 def exact_reward(response: str, ground_truth: str):
@@ -216,7 +221,7 @@ class RewardRunner:
     def __init__(self, reward_cfg, max_response_length: int):
         self.name = reward_cfg.name
         if self.name != "auto" and self.name not in REWARDS:
-            raise ValueError(f"reward.name {self.name!r} is unknown; valid: {['auto', *sorted(REWARDS)]}")
+            raise ValueError(f"reward.name {self.name!r} is unknown; valid: {list(reward_names())}")
         self.timeout_s = float(reward_cfg.timeout_s)
         self.num_workers = int(getattr(reward_cfg, "num_workers", 1))
         if self.num_workers < 1:

@@ -34,13 +34,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
 from .config import RESUME_SAFE_KEYS, RunConfig
+from .errors import UserError
 
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "config_history.jsonl"
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """A run directory that cannot be used as asked; the message says why and the ways out."""
 
 

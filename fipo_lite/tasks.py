@@ -14,7 +14,8 @@ from __future__ import annotations
 import random
 import re
 
-from .data import Example
+from .errors import UserError
+from .example import Example
 
 TASKS = {"addition": 2, "addition3": 3}  # task name -> number of digits per operand
 FORMS = ("direct", "steps")
@@ -27,7 +28,7 @@ def _split_of(a: int, b: int) -> str:
 
 def problems(name: str, split: str) -> list[tuple[int, int]]:
     if name not in TASKS:
-        raise ValueError(f"unknown synthetic task {name!r}; valid: {sorted(TASKS)}")
+        raise UserError(f"unknown synthetic task {name!r}; valid: {sorted(TASKS)}")
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     d = TASKS[name]

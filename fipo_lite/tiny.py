@@ -5,7 +5,9 @@ synthetic addition task (a mix of short direct answers and long digit-by-digit o
 as an ordinary Hugging Face directory, so the rest of the kit loads it with `from_pretrained(path)`
 exactly like a hub model. The result is cached under `model.cache_dir/<hash of the settings>/`.
 
-    python -m fipo_lite build-tiny [--config FILE] [model.tiny.warm_start_steps=300 ...]
+    python -m fipo_lite build-tiny [--config FILE] [model.tiny.warm_start_steps=300 ...]  (the command: tiny_cli.py)
+
+`TinyModelConfig` (the `model.tiny` config section) lives here with the code it configures.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +37,25 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+@dataclass
+class TinyModelConfig:
+    """The built-in tiny Qwen2 model and its supervised warm start (used when model.path == "tiny")."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    warm_start_steps: int = 1200
+    warm_start_batch_size: int = 64
+    warm_start_lr: float = 3e-3
+    direct_fraction: float = 0.2  # share of direct answers while both forms are learned
+    prior_steps: int = 150  # final warm-start steps that set the form prior ...
+    prior_direct_fraction: float = 0.9  # ... towards the short direct answer, so RL has room to learn "think longer"
+    task: str = "addition3"  # synthetic task of fipo_lite.tasks used for the warm start
+    seed: int = 0
 
 
 def build_tokenizer():
@@ -109,11 +130,12 @@ def save_random_tiny(path, *, seed: int = 0, hidden_size: int = 128, num_layers:
 # ----------------------------------------------------------------------------- warm start
 def _sft_batch(tok, examples, forms, device):
     """Right-padded prompt+response ids with labels only on the response (and its EOS)."""
+    from .data import encode_prompt
     from .tasks import format_response
 
     seqs, labels = [], []
     for ex, form in zip(examples, forms):
-        p = tok.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        p = encode_prompt(tok, ex.prompt)
         r = tok(format_response(ex.extra["a"], ex.extra["b"], form), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append(p + r)
         labels.append([-100] * len(p) + r)
@@ -161,13 +183,14 @@ def warm_start(model, tok, tiny_cfg, log=print) -> None:
 def measure_forms(model, tok, task: str = "addition", n: int = 256, seed: int = 0, temperature: float = 1.0,
                   max_new_tokens: int = 64) -> dict[str, float]:
     """Sample once per val problem; accuracy overall and by answer form, and the share of each form."""
+    from .data import encode_prompt
     from .engines.base import SamplingParams
     from .engines.hf import HFEngine
     from .rewards import exact_reward  # the synthetic task's training reward
     from .tasks import classify_form, make_examples
 
     examples = make_examples(task, n, seed=seed, split="val")
-    prompts = [tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True, return_dict=False) for e in examples]
+    prompts = [encode_prompt(tok, e.prompt) for e in examples]
     torch.manual_seed(seed)
     ro = HFEngine(model, tok).generate(prompts, SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens))
     texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
@@ -202,8 +225,6 @@ def build_tiny(model_cfg, log=None) -> Path:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     tiny_cfg = model_cfg.tiny
     if OmegaConf.is_config(tiny_cfg):
-        from .config import TinyModelConfig
-
         tiny_cfg = TinyModelConfig(**OmegaConf.to_container(tiny_cfg))
     root = Path(model_cfg.cache_dir)
     out = root / f"tiny-{settings_hash(tiny_cfg)}"
@@ -236,26 +257,3 @@ def build_tiny(model_cfg, log=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"[tiny] built in {time.time() - t0:.0f}s")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from .config import load_config
-
-    ap = argparse.ArgumentParser(prog="fipo_lite build-tiny", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=None, help="run config whose model section to use (default: built-in defaults)")
-    ap.add_argument("--no-measure", action="store_true", help="skip sampling the val problems after building")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.tiny.warm_start_steps=300")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    path = build_tiny(cfg.model)
-    print(path)
-    if not args.no_measure:
-        from .evaluate import load_for_eval
-
-        model, tok = load_for_eval(str(path), device="cpu")
-        stats = measure_forms(model, tok, cfg.model.tiny.task, n=cfg.data.val_size or 256, seed=cfg.seed,
-                              max_new_tokens=cfg.rollout.max_new_tokens)
-        print(json.dumps(stats, indent=1))
-    return 0

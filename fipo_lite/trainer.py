@@ -21,10 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, metrics as M, rundir
-from .config import ConfigError, load_config, policy_loss_kwargs
+from .config import gen_batch_size, load_config, policy_loss_kwargs
+from .data import encode_prompts
 from .engines import SamplingParams, build_engine
-from .objective import policy_loss
+from .errors import UserError
+from .objective import DEFAULT_AGG, policy_loss
 from .policy import Policy, SeqBatch
+from .rollout import sample_and_score
 
 
 # ----------------------------------------------------------------------------- data stream
@@ -76,27 +79,12 @@ class Group:
     texts: list[str] | None = None
 
 
-def encode_prompts(tokenizer, examples, max_prompt_length: int) -> list[list[int]]:
-    ids = []
-    for ex in examples:
-        p = tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-        if hasattr(p, "keys"):  # some tokenizers return a BatchEncoding
-            p = p["input_ids"]
-        if len(p) > max_prompt_length:
-            raise ValueError(f"prompt of example {ex.index} ({ex.data_source}) has {len(p)} tokens > data.max_prompt_length={max_prompt_length}")
-        ids.append(list(p))
-    return ids
-
-
 def rollout_groups(engine, tokenizer, examples, prompt_ids, params: SamplingParams, reward_fn) -> tuple[list[Group], int]:
     """Sample n responses per prompt and score them; returns the groups and reward failures."""
-    ro = engine.generate(prompt_ids, params)
-    texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
-    ex = [examples[i] for i in ro.prompt_index]
-    rew = reward_fn(texts, [e.ground_truth for e in ex], [e.data_source for e in ex], ro.response_lengths)
+    scored = sample_and_score(engine, tokenizer, examples, prompt_ids, params, reward_fn)
+    ro, texts, rew = scored.rollout, scored.texts, scored.rewards
     groups = []
-    for g in range(len(prompt_ids)):
-        rows = range(g * params.n, (g + 1) * params.n)
+    for g, rows in enumerate(scored.rows_by_prompt(len(prompt_ids))):
         groups.append(Group(
             prompt_ids=prompt_ids[g], responses=[ro.response_ids[i] for i in rows], truncated=[ro.truncated[i] for i in rows],
             scores=[float(rew.scores[i]) for i in rows], accs=[float(rew.accs[i]) for i in rows],
@@ -117,8 +105,50 @@ def group_advantages(scores: list[float], norm_by_std: bool) -> list[float]:
 
 
 def has_signal(group: Group, metric: str) -> bool:
-    values = group.accs if metric == "acc" else group.scores
-    return max(values) != min(values)
+    """DAPO's filter: keep a group whose metric (acc | score) varies, or a single-sample group (as the recipe)."""
+    values = {"acc": group.accs, "score": group.scores}[metric]
+    return len(values) == 1 or max(values) != min(values)
+
+
+class DynamicSamplingError(UserError):
+    """Dynamic sampling reached max_num_gen_batches with on_cap=error (the recipe's behaviour)."""
+
+
+def collect_groups(engine, tokenizer, examples, prompt_ids, stream: PromptStream, params: SamplingParams, reward_fn,
+                   cfg: DictConfig) -> tuple[list[Group], list[Group], int, int]:
+    """DAPO dynamic sampling as in the recipe's trainer: generation batches of `gen_batch_size` prompts,
+    keeping the groups with signal, until train_batch_size groups are kept (the surplus is dropped) or
+    max_num_gen_batches is reached, where on_cap decides: stop with an error, or train on fewer groups.
+    Returns (groups to train on, every group sampled, generation batches used, reward failures)."""
+    t, fg = cfg.trainer, cfg.algorithm.filter_groups
+    size = gen_batch_size(cfg)
+    kept: list[Group] = []
+    sampled: list[Group] = []
+    n_gen, failures = 0, 0
+    while len(kept) < t.train_batch_size:
+        if fg.enable and fg.max_num_gen_batches and n_gen >= fg.max_num_gen_batches:
+            if fg.on_cap == "error":
+                raise DynamicSamplingError(
+                    f"dynamic sampling kept {len(kept)} of trainer.train_batch_size={t.train_batch_size} groups after {n_gen} "
+                    f"generation batches of {size} prompts (algorithm.filter_groups.max_num_gen_batches={fg.max_num_gen_batches}): "
+                    f"too few prompts give mixed {fg.metric} within a group, the data may be too hard or too easy for the model. "
+                    "Raise algorithm.filter_groups.max_num_gen_batches (0: no limit) or trainer.gen_batch_size, or set "
+                    "algorithm.filter_groups.on_cap=partial to train on the groups kept")
+            break
+        n_gen += 1
+        idx = stream.take(size)
+        groups, fails = rollout_groups(engine, tokenizer, [examples[i] for i in idx], [prompt_ids[i] for i in idx], params, reward_fn)
+        failures += fails
+        sampled += groups
+        kept += [g for g in groups if has_signal(g, fg.metric)] if fg.enable else groups
+    return kept[: t.train_batch_size], sampled, n_gen, failures
+
+
+def group_metrics(groups: list[Group]) -> dict[str, float]:
+    """Reward, accuracy and response-length figures of these groups' samples, under metrics' names."""
+    flat = [(len(r), tr, sc, ac) for g in groups for r, tr, sc, ac in zip(g.responses, g.truncated, g.scores, g.accs)]
+    lengths, truncated, scores, accs = (list(col) for col in zip(*flat)) if flat else ([], [], [], [])
+    return M.rollout_stats(lengths, truncated, scores, accs)
 
 
 # ----------------------------------------------------------------------------- update
@@ -184,7 +214,7 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: Di
     mini = t.ppo_mini_batch_size * n
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    n_updates = 0
+    n_updates, n_skipped = 0, 0
     # Training mode for the update only: transformers checkpoints activations (model.gradient_checkpointing)
     # and LoRA dropout acts only in training mode; sampling and old log-probs run in eval mode.
     policy.model.train()
@@ -213,15 +243,20 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: Di
                 kept_tok += met["kept_tokens"]
                 kept_seq += met["kept_seqs"]
                 mb_metrics.append(met)
-            agg = kw.get("loss_agg_mode") or {"grpo": "seq-mean-token-mean"}.get(a.loss_mode, "token-mean")
+            agg = kw.get("loss_agg_mode") or DEFAULT_AGG[a.loss_mode]
             denom = kept_tok if agg == "token-mean" else kept_seq
             if denom > 0:
                 for p in params:
                     if p.grad is not None:
                         p.grad.div_(denom)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-                optimizer.step()
-                n_updates += 1
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                    n_updates += 1
+                else:  # as verl's actor: a NaN/inf gradient would poison the weights and Adam's moments; skip it
+                    optimizer.zero_grad(set_to_none=True)
+                    n_skipped += 1
+                    print(f"[fipo_lite] gradient norm is {float(grad_norm)}: optimizer step skipped", file=sys.stderr)
                 _acc(sums, counts, "grad_norm", float(grad_norm))
             _acc(sums, counts, "loss", loss_sum / denom if denom > 0 else 0.0)
             for met in mb_metrics:
@@ -230,7 +265,8 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: Di
                         _acc(sums, counts, k, v)
     policy.model.eval()
     out = {M.ACTOR + k: sums[k] / counts[k] for k in sums if counts[k]}
-    out["actor/num_updates"] = n_updates
+    out[M.NUM_UPDATES] = n_updates
+    out[M.SKIPPED_STEPS] = n_skipped
     return out
 
 
@@ -327,6 +363,13 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
     if start == 0 and t.eval_every > 0:
         M.append_jsonl(metrics_path, {M.STEP: 0, **run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn)})
 
+    fg = a.filter_groups
+    if fg.enable:
+        at_cap = "stop with an error" if fg.on_cap == "error" else "train on the groups kept (metric train/partial_batch = 1)"
+        print(f"[fipo_lite] dynamic sampling: generation batches of {gen_batch_size(cfg)} prompts, at most "
+              f"{fg.max_num_gen_batches or 'unlimited'} per step; at the cap: {at_cap} (algorithm.filter_groups.on_cap={fg.on_cap})",
+              file=sys.stderr)
+
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start + 1, t.total_steps + 1), initial=start, total=t.total_steps, desc="fipo_lite", disable=not t.progress, dynamic_ncols=True)
@@ -334,19 +377,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
     for step in bar:
         t0 = time.perf_counter()
         # 1. rollout with DAPO dynamic sampling: keep groups whose accuracy varies, refill.
-        kept: list[Group] = []
-        all_groups: list[Group] = []
-        failures, n_gen = 0, 0
-        while len(kept) < t.train_batch_size:
-            n_gen += 1
-            idx = stream.take(t.train_batch_size)
-            groups, fails = rollout_groups(engine, tokenizer, [train_ex[i] for i in idx], [train_ids[i] for i in idx], sampling, reward_fn)
-            failures += fails
-            all_groups += groups
-            kept += [g for g in groups if has_signal(g, a.filter_groups.metric)] if a.filter_groups.enable else groups
-            if not a.filter_groups.enable or (a.filter_groups.max_num_gen_batches and n_gen >= a.filter_groups.max_num_gen_batches):
-                break
-        kept = kept[: t.train_batch_size]
+        kept, sampled, n_gen, failures = collect_groups(engine, tokenizer, train_ex, train_ids, stream, sampling, reward_fn, cfg)
         t_gen = time.perf_counter() - t0
 
         # 2. advantages, old log-probs, update.
@@ -369,20 +400,20 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
             scheduler.step()
         engine.sync(policy)
 
-        # 3. metrics over everything sampled this step.
-        every = [(len(resp), tr, sc, ac) for g in all_groups for resp, tr, sc, ac in zip(g.responses, g.truncated, g.scores, g.accs)]
-        row[M.REWARD_MEAN] = sum(e[2] for e in every) / len(every)
-        row[M.ACCURACY] = sum(e[3] for e in every) / len(every)
-        row.update(M.length_stats(e[0] for e in every))
-        row[M.LENGTH_CLIP_RATIO] = sum(e[1] for e in every) / len(every)
+        # 3. metrics of the batch trained on (as the recipe), and of everything sampled this step.
+        row.update(group_metrics(kept))
+        row.update({M.SAMPLED[k]: v for k, v in group_metrics(sampled).items()})
         row[M.NUM_GEN_BATCHES] = n_gen
-        row["train/kept_groups"] = len(kept)
+        row[M.KEPT_GROUPS] = len(kept)
+        row[M.SAMPLED_GROUPS] = len(sampled)
+        row[M.PARTIAL_BATCH] = int(len(kept) < t.train_batch_size)
         row[M.REWARD_FAILURES] = failures
         if synthetic:  # which answer form the policy chose: the demo's "thinking longer"
             from .tasks import classify_form
 
-            forms = [classify_form(x) for g in all_groups for x in g.texts]
-            row["train/steps_form_frac"] = forms.count("steps") / len(forms)
+            for key, groups in ((M.STEPS_FORM_FRAC, kept), (M.SAMPLED[M.STEPS_FORM_FRAC], sampled)):
+                forms = [classify_form(x) for g in groups for x in g.texts]
+                row[key] = forms.count("steps") / len(forms) if forms else math.nan
         row["actor/lr"] = scheduler.get_last_lr()[0]
         row["time/gen_s"] = t_gen
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.total_steps):
@@ -408,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.model.backend == "unsloth":  # Unsloth patches transformers and peft: import it before they load
@@ -421,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         last = train(cfg)
-    except (rundir.RunDirError, checkpoint.CheckpointError) as e:
+    except UserError as e:  # busy run dir; bad data file, model path or checkpoint; dynamic sampling at its cap
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[fipo_lite] done: {cfg.output_dir} (last step {last.get(M.STEP, 0)})", file=sys.stderr)

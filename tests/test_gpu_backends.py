@@ -49,7 +49,8 @@ def test_vllm_llm_kwargs_follow_config_and_signature():
     assert kw["enable_lora"] is True and kw["enable_sleep_mode"] is True and kw["max_model_len"] == 2048
     assert kw["logprobs_mode"] == "processed_logprobs"  # the sampled distribution's log-probs, as the HF engine's
     assert vllm_engine.vllm_llm_kwargs(_cfg(), "/m", cuda=False)["enable_sleep_mode"] is False  # vLLM's CPU build has no sleep mode
-    assert "quantization" not in kw and "enable_lora" not in vllm_engine.vllm_llm_kwargs(_cfg("lora.enable=false"), "/m")
+    assert "quantization" not in kw
+    assert vllm_engine.vllm_llm_kwargs(_cfg("rollout.vllm.max_model_len=null"), "/m")["max_model_len"] == 512 + 1024  # derived
     assert vllm_engine.vllm_llm_kwargs(_cfg("rollout.vllm.quantization=bitsandbytes"), "/m")["quantization"] == "bitsandbytes"
     names = VLLM_LLM_KWARGS
     if _has("vllm"):

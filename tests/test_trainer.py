@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from fipo_lite import metrics as M
-from fipo_lite.config import ConfigError, load_config
-from fipo_lite.trainer import PromptStream, group_advantages, main, micro_batches, Sample, train
+from fipo_lite.config import ConfigError, gen_batch_size, load_config
+from fipo_lite import rewards
+from fipo_lite.engines.base import Rollout, SamplingParams
+from fipo_lite.example import Example
+from fipo_lite.trainer import PromptStream, collect_groups, group_advantages, group_metrics, main, micro_batches, Sample, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +24,7 @@ def _overrides(model_dir: Path, out: Path, **extra) -> list[str]:
         "model.path": str(model_dir), "output_dir": str(out), "trainer.total_steps": 3, "trainer.train_batch_size": 4,
         "trainer.ppo_mini_batch_size": 2, "trainer.micro_batch_size": 8, "rollout.n": 4, "rollout.max_new_tokens": 24,
         "trainer.eval_every": 2, "trainer.eval_k": 2, "data.val_size": 4, "trainer.save_every": 1, "trainer.progress": False,
-        "algorithm.filter_groups.max_num_gen_batches": 3, "trainer.lr": 5e-3,
+        "algorithm.filter_groups.max_num_gen_batches": 3, "trainer.lr": 5e-3, "trainer.gen_batch_size": 4,
         "data.train": "synthetic:addition", "data.val": "synthetic:addition",
     }
     base.update(extra)
@@ -79,6 +82,88 @@ def test_dynamic_sampling_refills(tiny_warm_model_dir, tmp_path):
     for r in rows:
         assert r["train/kept_groups"] <= 4
         assert r[M.NUM_GEN_BATCHES] <= 3
+        # the headline figures are the trained batch's: every kept group has mixed accuracy
+        assert r[M.SAMPLED_GROUPS] == 4 * r[M.NUM_GEN_BATCHES]
+        if r[M.KEPT_GROUPS]:
+            assert 0 < r[M.ACCURACY] < 1 and r[M.SAMPLED[M.ACCURACY]] is not None
+        assert r[M.PARTIAL_BATCH] == int(r[M.KEPT_GROUPS] < 4)
+
+
+class ScriptedEngine:
+    """Prompt p (its id is [p]) gets the responses script[p]; tokens are characters."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = []
+
+    def generate(self, prompt_ids, params):
+        self.calls.append(len(prompt_ids))
+        idx = [i for i in range(len(prompt_ids)) for _ in range(params.n)]
+        resp = [[ord(c) for c in self.script[prompt_ids[i][0]][j]] for i, j in zip(idx, list(range(params.n)) * len(prompt_ids))]
+        return Rollout(prompt_index=idx, prompt_ids=[prompt_ids[i] for i in idx], response_ids=resp, truncated=[False] * len(idx))
+
+
+class CharTok:
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return ["".join(map(chr, r)) for r in ids]
+
+
+def test_collect_groups_keeps_mixed_groups_and_reports_both_batches():
+    """Generation batches of gen_batch_size prompts until train_batch_size mixed groups are kept; the
+    surplus is dropped; the trained-batch metrics cover only the kept groups."""
+    script = {p: ["1", "1"] if p % 2 == 0 else ["1", "22"] for p in range(8)}  # odd prompts: one right, one wrong
+    examples = [Example(prompt=[], ground_truth="1", data_source="synthetic/x", index=p) for p in range(8)]
+    cfg = load_config(None, ["trainer.train_batch_size=2", "trainer.ppo_mini_batch_size=1", "algorithm.filter_groups.max_num_gen_batches=0"])
+    assert gen_batch_size(cfg) == 8  # 0: 4 x train_batch_size, the recipe's gen_prompt_bsz
+    cfg = load_config(None, ["trainer.train_batch_size=2", "trainer.ppo_mini_batch_size=1", "trainer.gen_batch_size=3"])
+    engine = ScriptedEngine(script)
+    runner = rewards.RewardRunner(cfg.reward, max_response_length=8)
+    runner.timeout_s = 0  # score in this process
+    kept, sampled, n_gen, fails = collect_groups(engine, CharTok(), examples, [[p] for p in range(8)], PromptStream(8, 0, shuffle=False),
+                                                 SamplingParams(n=2), runner, cfg)
+    assert engine.calls == [3, 3] and n_gen == 2 and fails == 0  # prompts 0-2 keep one group, 3-5 two more
+    assert [g.prompt_ids for g in kept] == [[1], [3]] and len(sampled) == 6  # prompt 5's group is surplus
+    trained, everything = group_metrics(kept), group_metrics(sampled)
+    assert trained[M.ACCURACY] == 0.5 and trained[M.LENGTH["mean"]] == 1.5
+    assert everything[M.ACCURACY] == pytest.approx(9 / 12) and everything[M.LENGTH["max"]] == 2
+
+
+@rewards.register("test_always_right")
+def _always_right(response, ground_truth):
+    return 1.0, True, response[-1:] or None
+
+
+def test_cap_reached_error_or_partial(tiny_warm_model_dir, tmp_path, capsys):
+    """A registered reward the config accepts; every group scores the same, so the cap is always hit:
+    on_cap=error stops with a message naming the knobs, on_cap=partial records a partial (empty) step."""
+    extra = {"reward.name": "test_always_right", "trainer.total_steps": 1, "trainer.eval_every": 0, "trainer.save_every": 0,
+             "algorithm.filter_groups.max_num_gen_batches": 2}
+    out = tmp_path / "partial"
+    train(_cfg(tiny_warm_model_dir, out, **extra, **{"algorithm.filter_groups.on_cap": "partial"}))
+    row = _rows(out)[-1]
+    assert row[M.PARTIAL_BATCH] == 1 and row[M.KEPT_GROUPS] == 0 and row[M.NUM_GEN_BATCHES] == 2
+    assert row[M.SAMPLED[M.ACCURACY]] == 1.0 and row[M.ACCURACY] is None and "actor/num_updates" not in row
+    assert "at the cap: train on the groups kept" in capsys.readouterr().err
+    rc = main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
+               *_overrides(tiny_warm_model_dir, tmp_path / "error", **extra, **{"algorithm.filter_groups.on_cap": "error"})])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "error: dynamic sampling kept 0 of trainer.train_batch_size=4 groups after 2 generation batches" in err
+    assert "algorithm.filter_groups.on_cap=partial" in err and "max_num_gen_batches" in err
+
+
+def test_non_finite_gradient_skips_the_optimizer_step(tiny_warm_model_dir, tmp_path, monkeypatch):
+    """As verl's actor: a NaN gradient norm zeroes the gradient and skips optimizer.step (counted)."""
+    import fipo_lite.trainer as T
+
+    real = T.policy_loss
+    monkeypatch.setattr(T, "policy_loss", lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(*a, **k)))
+    out = tmp_path / "nan"
+    train(_cfg(tiny_warm_model_dir, out, **{"algorithm.filter_groups.enable": False, "trainer.total_steps": 1,
+                                            "trainer.eval_every": 0, "trainer.save_every": 1}))
+    row = _rows(out)[-1]
+    assert row[M.SKIPPED_STEPS] == 2 and row[M.NUM_UPDATES] == 0  # 4 prompts / mini-batches of 2
+    assert all(not v.abs().sum() for k, v in _adapter(out, 1).items() if "lora_B" in k)  # LoRA-B still zero: no step
 
 
 def test_resume_equals_uninterrupted(tiny_warm_model_dir, fipo_run, tmp_path):

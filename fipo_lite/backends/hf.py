@@ -6,14 +6,17 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype
+DEVICES = ("auto", "cpu", "cuda")  # model.device
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device=cuda but no CUDA device is available; use model.device=cpu or auto")
+        raise UserError("model.device=cuda but no CUDA device is available; use model.device=cpu or auto")
     return torch.device(name)
 
 
@@ -33,7 +36,7 @@ def check_model_path(path: str, what: str = "model.path") -> None:
     if Path(path).is_dir():
         return
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith((".", "/")):
-        raise ValueError(f"{what} {path!r} is neither a local model directory nor a hub name (org/name)")
+        raise UserError(f"{what} {path!r} is neither a local model directory nor a hub name (org/name)")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -63,11 +66,14 @@ def load_model(cfg):
     path = resolve_model_path(cfg.model)
     check_model_path(path)
     device = resolve_device(cfg.model.device)
-    tok = load_tokenizer(path, cfg.model.trust_remote_code)
     kwargs = dict(dtype=DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    try:
+        tok = load_tokenizer(path, cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    except (OSError, ValueError) as e:  # no such hub model, a folder without config.json/weights, an unknown model type
+        raise UserError(f"model.path {path!r}: cannot load a causal LM: {str(e).strip().splitlines()[0]}") from None
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from .base import Rollout, RolloutEngine, SamplingParams
 
-__all__ = ["Rollout", "RolloutEngine", "SamplingParams", "build_engine"]
+__all__ = ["ENGINES", "Rollout", "RolloutEngine", "SamplingParams", "build_engine"]
+
+ENGINES = ("hf", "vllm")  # rollout.engine
 
 
 def build_engine(cfg, model, tokenizer) -> RolloutEngine:
@@ -17,4 +19,4 @@ def build_engine(cfg, model, tokenizer) -> RolloutEngine:
         from .vllm import VLLMEngine
 
         return VLLMEngine(cfg, tokenizer, model=model)
-    raise ValueError(f"rollout.engine must be 'hf' or 'vllm', got {cfg.rollout.engine!r}")
+    raise ValueError(f"rollout.engine must be one of {ENGINES}, got {cfg.rollout.engine!r}")

@@ -35,19 +35,13 @@ def vllm_llm_kwargs(cfg, model_path: str, cuda: bool | None = None) -> dict:
     """Keyword arguments of `vllm.LLM(...)` from the run config; bad combinations raise ValueError.
     `cuda` (default: whether torch sees a GPU) switches sleep mode off on CPU, where vLLM lacks it."""
     v = cfg.rollout.vllm
-    need = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
-    if v.max_model_len < need:
-        raise ValueError(f"rollout.vllm.max_model_len={v.max_model_len} < data.max_prompt_length + rollout.max_new_tokens = {need}")
+    # max_model_len (derived when unset) and the LoRA-rank rules are checked by config.validate
     if not 0 < v.gpu_memory_utilization <= 1:
         raise ValueError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {v.gpu_memory_utilization}")
-    if v.max_lora_rank not in VLLM_LORA_RANKS:
-        raise ValueError(f"rollout.vllm.max_lora_rank must be one of {VLLM_LORA_RANKS}, got {v.max_lora_rank}")
-    if cfg.lora.enable and cfg.lora.r > v.max_lora_rank:
-        raise ValueError(f"lora.r={cfg.lora.r} exceeds rollout.vllm.max_lora_rank={v.max_lora_rank}")
     if v.sleep_level not in (1, 2):
         raise ValueError(f"rollout.vllm.sleep_level must be 1 or 2, got {v.sleep_level}")
     kw = dict(model=model_path, tokenizer=model_path, dtype=v.dtype, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
-              gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
+              gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=max_model_len(cfg),
               enable_prefix_caching=v.enable_prefix_caching, tensor_parallel_size=v.tensor_parallel_size,
               enable_sleep_mode=v.enable_sleep_mode and _cuda(cuda), enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
               logprobs_mode=LOGPROBS_MODE)
@@ -73,6 +67,11 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict:
     if params.logprobs:
         kw["logprobs"] = 0  # only the sampled token's log-prob (vLLM always returns that one)
     return kw
+
+
+def max_model_len(cfg) -> int:
+    """rollout.vllm.max_model_len, or when unset (None/0) the longest sequence a run makes: prompt + response."""
+    return cfg.rollout.vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
 
 
 def rollout_from_outputs(outputs, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:

@@ -24,13 +24,14 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
+from ..future_kl import TAU
 from ..objective import CLIP_HIGH, DEFAULT_AGG, LOSS_AGG_MODES, from_recipe, policy_loss
 
 NAME = "future_kl"
 ENV = "FIPO_LITE_VERL_KNOBS"
 # The upstream recipe's knobs and the published Qwen2.5-32B values (spec section 12).
 DEFAULT_KNOBS: dict[str, Any] = {
-    "decay_rate": 32.0, "chunk_size": None, "future_kl_start": "include_current", "future_kl_window": -1,
+    "decay_rate": TAU, "chunk_size": None, "future_kl_start": "include_current", "future_kl_window": -1,
     "future_kl_average": False, "future_kl_clip_ratio": 0.2, "future_kl_clip_high_only": True, "safety_thresh": 10.0,
 }
 
@@ -166,12 +167,14 @@ def _select(cfg, key: str, default=None):
 def recipe_overrides(cfg) -> dict[str, Any]:
     """A fipo_lite run config -> the recipe's Hydra settings, under the upstream run script's key names.
 
-    Read defensively (later fipo_lite versions add them): trainer.gen_batch_size (prompts per
-    generation batch; unset: train_batch_size, verl's default), algorithm.filter_groups.max_num_gen_batches.
+    The generation batch is the loop's own (`config.gen_batch_size`: 4 x the training batch unless set,
+    as the recipe's gen_prompt_bsz).
     """
+    from ..config import gen_batch_size
+
     a, t, r, d, rw = cfg.algorithm, cfg.trainer, cfg.rollout, cfg.data, cfg.reward
     actor, rollout = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
-    gen_batch = _select(cfg, "trainer.gen_batch_size") or t.train_batch_size
+    gen_batch = gen_batch_size(cfg)
     out = {
         "algorithm.adv_estimator": "grpo", "algorithm.norm_adv_by_std_in_grpo": a.norm_adv_by_std,
         "algorithm.use_kl_in_reward": False,

@@ -147,6 +147,17 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _finished_step(cfg: DictConfig) -> int | None:
+    """The step of the latest checkpoint when it is at or past trainer.total_steps (and resume=auto)."""
+    if cfg.trainer.resume != "auto":
+        return None
+    from .checkpoint import find_latest
+
+    ckpt = find_latest(Path(cfg.output_dir) / "checkpoints")
+    step = int(ckpt.name.split("_")[-1]) if ckpt is not None else -1
+    return step if step >= cfg.trainer.total_steps and (Path(cfg.output_dir) / "config.yaml").is_file() else None
+
+
 def train(config: str | Path | dict | DictConfig | None = None, *dotlist: str, **overrides: Any) -> Run:
     """Train in this process, with live progress; returns the `Run`.
 
@@ -160,9 +171,13 @@ def train(config: str | Path | dict | DictConfig | None = None, *dotlist: str, *
 
         require_gpu_package("unsloth", "model.backend=unsloth")
         import unsloth  # noqa: F401
+    out = Path(cfg.output_dir)
+    done = _finished_step(cfg)
+    if done is not None:  # what the loop would find after loading the model and the sampler, without loading them
+        print(f"[fipo_lite] {out} already finished {done} steps; raise trainer.total_steps to train further", file=sys.stderr)
+        return Run.load(out)
     from .trainer import train as run_loop
 
-    out = Path(cfg.output_dir)
     interrupted = False
     try:
         last = run_loop(cfg)

@@ -89,6 +89,9 @@ def test_interrupted_train_resumes_to_the_same_run(tiny_warm_model_dir, tmp_path
     assert run.checkpoint.name == "step_000003" and run.last[M.STEP] == 3
     assert list(run.metrics.index) == [0, 1, 2, 3] and M.VAL_AVG in run.metrics.columns
     assert "step 3/3" in repr(run) and run.config.trainer.total_steps == 3
+    from fipo_lite import trainer
+
+    monkeypatch.setattr(trainer, "train", lambda cfg: pytest.fail("a finished run should not load its model again"))
     again = api.train(TINY, **_small(tiny_warm_model_dir, cut))  # finished: returned as it is
     assert _steps(again.rows) == _steps(run.rows)
     assert api.Run.load(cut).config == run.config

@@ -166,16 +166,16 @@ def train(config: str | Path | dict | DictConfig | None = None, *dotlist: str, *
     step's metrics and checkpoints; calling `train` again with the same config resumes from the latest
     checkpoint (saved every `trainer.save_every` steps; later steps are redone)."""
     cfg = resolve_config(config, *dotlist, **overrides)
-    if cfg.model.backend == "unsloth":  # Unsloth patches transformers and peft: import it before they load
-        from .backends.bnb4 import require_gpu_package
-
-        require_gpu_package("unsloth", "model.backend=unsloth")
-        import unsloth  # noqa: F401
     out = Path(cfg.output_dir)
     done = _finished_step(cfg)
     if done is not None:  # what the loop would find after loading the model and the sampler, without loading them
         print(f"[fipo_lite] {out} already finished {done} steps; raise trainer.total_steps to train further", file=sys.stderr)
         return Run.load(out)
+    if cfg.model.backend == "unsloth":  # Unsloth patches transformers and peft: import it before they load
+        from .backends.bnb4 import require_gpu_package
+
+        require_gpu_package("unsloth", "model.backend=unsloth")
+        import unsloth  # noqa: F401
     from .trainer import train as run_loop
 
     interrupted = False
@@ -187,7 +187,7 @@ def train(config: str | Path | dict | DictConfig | None = None, *dotlist: str, *
     if interrupted:
         run = Run(cfg, out)
         ckpt = run.checkpoint
-        where = f"its checkpoint at step {int(ckpt.name.split('_')[-1])}" if ckpt else "step 0 (no checkpoint was saved yet)"
+        where = f"its checkpoint at step {int(ckpt.name.split('_')[-1])}" if ckpt else "the start (no checkpoint was saved yet)"
         raise KeyboardInterrupt(f"{out} stopped; train() with the same config resumes it from {where}")
     return Run(cfg, out, last)
 

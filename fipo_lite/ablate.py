@@ -18,6 +18,9 @@ Each run is a subprocess writing RUNS_DIR/VARIANT/seed_S; a run whose metrics.js
 reaches its last step is skipped, so an interrupted ablation resumes where it stopped. Runs go one
 at a time by default (on a small CPU box parallel runs only slow each other down); a failed run is
 reported at the end and the others still run.
+
+In a notebook, `fipo_lite.ablate(FILE)` or `fipo_lite.ablate(base=..., variants=..., seeds=...)` runs the
+same grid and returns the table (this module is callable: `fipo_lite.api.ablate`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from . import metrics as M
+from ._callable import make_callable
 from .config import ConfigError, load_config
 
 KEYS = {"name", "description", "base", "common", "seeds", "variants", "runs_dir", "out_dir"}
@@ -135,6 +139,7 @@ def _run_one(ab: Ablation, variant: str, seed: int, total_steps: int) -> dict:
         raise RuntimeError(f"{ab.name}/{variant}/seed_{seed} failed (exit {proc.returncode}); see {out / 'train.log'}")
     if not is_complete(out, total_steps):
         raise RuntimeError(f"{ab.name}/{variant}/seed_{seed} exited 0 but {out / 'metrics.jsonl'} stops before step {total_steps}")
+    print(f"[ablate] {ab.name}/{variant}/seed_{seed}: done in {info['wall_s']:.0f}s", file=sys.stderr, flush=True)
     return {**info, "skipped": False}
 
 
@@ -295,3 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     if summaries:
         print((ab.out_dir / "table.md").read_text())
     return 0
+
+
+make_callable(__name__)

@@ -127,6 +127,9 @@ class Plan:
     problems: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        return format_plan(self)
+
 
 def _trainer_parts(cfg, arch: Arch) -> dict:
     m, t, lora = cfg.model, cfg.trainer, cfg.lora

@@ -21,6 +21,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
                             num_heads=4, num_kv_heads=2, intermediate_size=128)
 
 
+# The small tiny model of `tiny_warm_model_dir`, as config overrides (the notebook test builds it through
+# model.path=tiny and finds it in the fixture's cache).
+TINY_SMALL = {"model.tiny.hidden_size": 64, "model.tiny.num_layers": 2, "model.tiny.intermediate_size": 128,
+              "model.tiny.task": "addition", "model.tiny.warm_start_steps": 150, "model.tiny.warm_start_batch_size": 32,
+              "model.tiny.direct_fraction": 0.5, "model.tiny.prior_steps": 0}
+
+
 @pytest.fixture(scope="session")
 def tiny_warm_model_dir(tmp_path_factory) -> Path:
     """A briefly warm-started tiny model that already writes the task's answer format (~20 s)."""
@@ -28,10 +35,7 @@ def tiny_warm_model_dir(tmp_path_factory) -> Path:
     from fipo_lite.tiny import build_tiny
 
     cache = tmp_path_factory.mktemp("tiny_cache")
-    cfg = load_config(None, [f"model.cache_dir={cache}", "model.tiny.hidden_size=64", "model.tiny.num_layers=2",
-                             "model.tiny.intermediate_size=128", "model.tiny.task=addition", "model.tiny.warm_start_steps=150",
-                             "model.tiny.warm_start_batch_size=32", "model.tiny.direct_fraction=0.5",
-                             "model.tiny.prior_steps=0"])
+    cfg = load_config(None, [f"model.cache_dir={cache}", *(f"{k}={v}" for k, v in TINY_SMALL.items())])
     return build_tiny(cfg.model, log=lambda msg: None)
 
 

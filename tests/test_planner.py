@@ -47,7 +47,7 @@ def _plan(config, gpu_gb=80.0, *overrides):
     return planner.plan(load_config(CONFIGS / config, list(overrides)), gpu_gb)
 
 
-@pytest.mark.parametrize("config,gpu_gb", [("qwen2.5-0.5b.yaml", 24), ("qwen2.5-1.5b.yaml", 48),
+@pytest.mark.parametrize("config,gpu_gb", [("colab_t4.yaml", 15), ("qwen2.5-0.5b.yaml", 24), ("qwen2.5-1.5b.yaml", 48),
                                            ("qwen2.5-7b-math.yaml", 80), ("qwen2.5-32b.yaml", 80)])
 def test_each_config_loads_and_fits_its_stated_gpu(config, gpu_gb):
     text = (CONFIGS / config).read_text()
@@ -55,6 +55,18 @@ def test_each_config_loads_and_fits_its_stated_gpu(config, gpu_gb):
     p = _plan(config, gpu_gb)
     assert p.fits, planner.format_plan(p)
     assert p.kv_concurrency >= 1
+
+
+def test_colab_t4_fits_15gb_with_margin_in_float16(capsys):
+    """A free Colab T4: 15 GB and no bfloat16, so 4-bit QLoRA + vLLM, both in float16."""
+    cfg = load_config(CONFIGS / "colab_t4.yaml")
+    assert (cfg.model.backend, cfg.model.dtype, cfg.rollout.engine, cfg.rollout.vllm.dtype) == ("bnb4", "float16", "vllm", "float16")
+    assert cfg.model.path.startswith("Qwen/Qwen2.5-") and planner.arch_from(cfg.model.path).num_params() < 2e9
+    p = _plan("colab_t4.yaml", 15)
+    assert p.fits and p.peak_gb <= 0.8 * 15, planner.format_plan(p)  # >= 3 GiB spare for what the planner does not model
+    assert p.kv_concurrency >= cfg.trainer.train_batch_size * cfg.rollout.n  # a whole generation batch decodes at once
+    assert planner.main(["--config", str(CONFIGS / "colab_t4.yaml"), "--gpu-gb", "15"]) == 0
+    assert "-> fits" in capsys.readouterr().out
 
 
 def test_32b_fits_80gb_only_with_its_settings():

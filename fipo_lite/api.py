@@ -172,10 +172,9 @@ def train(config: str | Path | dict | DictConfig | None = None, *dotlist: str, *
         print(f"[fipo_lite] {out} already finished {done} steps; raise trainer.total_steps to train further", file=sys.stderr)
         return Run.load(out)
     if cfg.model.backend == "unsloth":  # Unsloth patches transformers and peft: import it before they load
-        from .backends.bnb4 import require_gpu_package
+        from .backends.unsloth import import_unsloth
 
-        require_gpu_package("unsloth", "model.backend=unsloth")
-        import unsloth  # noqa: F401
+        import_unsloth(cfg)
     from .trainer import train as run_loop
 
     interrupted = False

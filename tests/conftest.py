@@ -29,6 +29,12 @@ TINY_SMALL = {"model.tiny.hidden_size": 64, "model.tiny.num_layers": 2, "model.t
 
 
 @pytest.fixture(scope="session")
+def tiny_small_settings() -> dict:
+    """TINY_SMALL for test modules (a plain `from conftest import` is ambiguous: tests/stack has one too)."""
+    return dict(TINY_SMALL)
+
+
+@pytest.fixture(scope="session")
 def tiny_warm_model_dir(tmp_path_factory) -> Path:
     """A briefly warm-started tiny model that already writes the task's answer format (~20 s)."""
     from fipo_lite.config import load_config

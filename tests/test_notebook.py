@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "scripts" / "fipo_lite_notebook.ipynb"
@@ -40,10 +39,10 @@ def test_committed_notebook_has_no_outputs_and_parameters_first():
     assert not dirty, f"commit the notebook with outputs cleared (cells {dirty})"
 
 
-def test_notebook_runs_end_to_end_on_cpu(tiny_warm_model_dir, tmp_path):
+def test_notebook_runs_end_to_end_on_cpu(tiny_warm_model_dir, tiny_small_settings, tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = _tagged(nb, "parameters")
-    overrides = {"model.path": "tiny", "model.cache_dir": str(tiny_warm_model_dir.parent), **TINY_SMALL, **SHORT}
+    overrides = {"model.path": "tiny", "model.cache_dir": str(tiny_warm_model_dir.parent), **tiny_small_settings, **SHORT}
     injected = nbformat.v4.new_code_cell("\n".join([
         "# injected by tests/test_notebook.py",
         "STEPS = 3", "SEEDS = [0]", "SAVE_EVERY = 3", "EVAL_K = 2", "CONFIG = 'configs/tiny_cpu.yaml'",

@@ -263,3 +263,11 @@ def test_gpu_measure_dry_run(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             mod.main(["--out", str(out)])
+
+
+def test_vllm_engine_hands_vllm_absolute_adapter_paths(fake_vllm, tiny_model_dir, tmp_path, monkeypatch):
+    """vLLM resolves a relative LoRA path against its own working directory, then tries the hub."""
+    monkeypatch.chdir(tmp_path)
+    eng = vllm_engine.VLLMEngine(_cfg(f"model.path={tiny_model_dir}", "output_dir=runs/relative"), None)
+    eng.sync(SavingPolicy())
+    assert eng.lora_request.path == str(tmp_path / "runs" / "relative" / "rollout_adapters" / "v000001")

@@ -91,7 +91,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so a kill at any instant leaves the old or the new file, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     _fsync(tmp)
@@ -123,7 +124,7 @@ def save(ckpt_root: str | Path, step: int, model, state: dict[str, Any], keep: i
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(root / "latest", final.name + "\n")
+    write_atomic(root / "latest", final.name + "\n")
     if keep > 0:
         for old in candidates(root)[keep:]:
             shutil.rmtree(old, ignore_errors=True)

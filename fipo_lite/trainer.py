@@ -349,7 +349,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         engine.sync(policy)  # the sampler starts from the restored adapter, not from the base model
         # drop metrics of steps after the checkpoint: they are about to be redone
         kept = [row for row in M.read_jsonl(metrics_path) if row.get(M.STEP, 0) <= start] if metrics_path.exists() else []
-        metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        checkpoint.write_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))  # an interrupt here keeps the history
         print(f"[fipo_lite] resumed from {resume_from} at step {start}", file=sys.stderr)
         if start >= t.total_steps:
             print(f"[fipo_lite] {out} already finished {t.total_steps} steps; raise trainer.total_steps to train "

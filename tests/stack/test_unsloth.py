@@ -120,7 +120,7 @@ report = {}
 from fipo_lite import checkpoint, trainer
 from fipo_lite.backends import unsloth as ub
 
-_load_model, _ckpt_load = ub.load_model, checkpoint.load
+_load_model, _load_adapter = ub.load_model, checkpoint.load_adapter
 
 
 def load_model(cfg):
@@ -135,8 +135,8 @@ def load_model(cfg):
     return model, tok
 
 
-def ckpt_load(path, model):
-    state = _ckpt_load(path, model)
+def load_adapter(path, model):  # what the trainer calls to restore a checkpoint's adapter
+    state = _load_adapter(path, model)
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
     sd = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
@@ -145,7 +145,7 @@ def ckpt_load(path, model):
     return state
 
 
-ub.load_model, checkpoint.load = load_model, ckpt_load
+ub.load_model, checkpoint.load_adapter = load_model, load_adapter
 report["rc"] = trainer.main(argv)
 report["vllm_hidden"] = "vllm" in sys.modules and sys.modules["vllm"] is None
 report["vllm_ext_loaded"] = sorted(m for m, mod in sys.modules.items() if m.startswith("vllm.") and mod is not None)

@@ -46,18 +46,18 @@ class HFEngine:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         saved = base.generation_config
         # generate() fills whatever our config leaves unset from the model's own generation config
-        # (a repetition penalty, min_p, ...): give it an empty one while we sample.
-        base.generation_config = self.generation_config(params)
+        # (a repetition penalty, min_p, ...): make ours the model's while we sample.
+        config = base.generation_config = self.generation_config(params)
         self.model.eval()
         try:
             for s in range(0, len(rows), self.batch_size):
-                self._generate_chunk(rows[s : s + self.batch_size], params, out)
+                self._generate_chunk(rows[s : s + self.batch_size], params, config, out)
         finally:
             self.model.train(was_training)
             base.generation_config = saved
         return out
 
-    def _generate_chunk(self, rows, params: SamplingParams, out: Rollout) -> None:
+    def _generate_chunk(self, rows, params: SamplingParams, config, out: Rollout) -> None:
         width = max(len(p) for _, p in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
@@ -65,7 +65,7 @@ class HFEngine:
             ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[r, width - len(p) :] = 1
         gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                                  generation_config=self.generation_config(params))
+                                  generation_config=config)
         new = gen.sequences[:, width:].cpu()
         if params.logprobs:  # scores are after temperature and top-k/top-p (-inf outside): renormalise
             steps = torch.stack(gen.scores, dim=1).float().cpu()

@@ -180,7 +180,16 @@ def run_summary(out: Path, wall_s: float) -> dict:
     reach = [s for s, v in val if v >= 0.9]
     train = [(r[M.STEP], r[M.ACCURACY]) for r in rows if isinstance(r.get(M.ACCURACY), (int, float))]
     train_reach = [s for s, v in train if v >= 0.9]
+    by_step = {r[M.STEP]: r[M.LENGTH["mean"]] for r in rows if isinstance(r.get(M.LENGTH["mean"]), (int, float))}
+    last = max(by_step) if by_step else 0
+
+    def length_at(frac: float) -> float:  # mean response length at (the last logged step up to) frac of the run
+        steps = [s for s in by_step if s <= max(1, round(frac * last))]
+        return by_step[max(steps)] if steps else float("nan")
+
     return {
+        "length_at_25": length_at(0.25),
+        "length_at_50": length_at(0.5),
         "train_acc_mean": sum(v for _, v in train) / len(train) if train else float("nan"),
         "train_step_to_90": float(train_reach[0]) if train_reach else float("nan"),
         "peak_val_acc": max(v for _, v in val) if val else float("nan"),
@@ -195,7 +204,9 @@ def run_summary(out: Path, wall_s: float) -> dict:
 COLUMNS = [("peak_val_acc", "peak val avg@k", "{:.3f}"), ("final_val_acc", "final val avg@k", "{:.3f}"),
            ("step_to_90", "first eval step with val >= 0.9", "{:.1f}"),
            ("train_acc_mean", "mean train accuracy over all steps", "{:.3f}"),
-           ("train_step_to_90", "first step with train accuracy >= 0.9", "{:.1f}"), ("final_mean_length", "final mean length (tokens)", "{:.1f}"),
+           ("train_step_to_90", "first step with train accuracy >= 0.9", "{:.1f}"),
+           ("length_at_25", "mean length at 25% of steps", "{:.1f}"), ("length_at_50", "mean length at 50% of steps", "{:.1f}"),
+           ("final_mean_length", "final mean length (tokens)", "{:.1f}"),
            ("wall_s", "wall time (s)", "{:.0f}")]
 
 

@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from .backends import BACKENDS
 from .backends.hf import DEVICES, DTYPES
 from .engines import ENGINES
+from .engines.hf import MERGE_LORA
 from .engines.vllm import VLLM_LORA_RANKS, max_model_len
 from .errors import UserError
 from .future_kl import STARTS
@@ -84,7 +85,8 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 64
-    generation_batch_size: int = 64  # sequences per HF generate call
+    generation_batch_size: int = 64  # sequences per HF engine call
+    merge_lora: str = "auto"  # HF engine: sample from a LoRA-merged copy (auto: CPU, unquantized); see engines/hf.py
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
@@ -162,6 +164,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes)
     logprob_chunk_size: int = 1024  # tokens per log-softmax chunk
+    share_prompt_forward: bool = True  # run each group's shared prompt once in the update (policy.py); off with unsloth
     eval_every: int = 10  # 0: never; the warm start (step 0) and the last step are evaluated too
     eval_k: int = 8
     eval_temperature: float = 1.0  # paper's evaluation protocol: temperature 1.0, top-p 0.7
@@ -198,9 +201,9 @@ class RunConfig:
 RESUME_SAFE_KEYS = frozenset({
     "output_dir", "trainer.total_steps", "trainer.eval_every", "trainer.save_every", "trainer.keep_checkpoints",
     "trainer.resume", "trainer.progress", "trainer.num_threads", "trainer.allow_config_change",
-    "trainer.logprob_chunk_size", "trainer.micro_batch_size", "trainer.max_tokens_per_micro_batch",
+    "trainer.logprob_chunk_size", "trainer.share_prompt_forward", "trainer.micro_batch_size", "trainer.max_tokens_per_micro_batch",
     "model.device", "model.cache_dir", "model.gradient_checkpointing", "model.offload_gradients", "model.attn_implementation",
-    "rollout.generation_batch_size", "rollout.vllm.gpu_memory_utilization", "rollout.vllm.enable_prefix_caching",
+    "rollout.generation_batch_size", "rollout.merge_lora", "rollout.vllm.gpu_memory_utilization", "rollout.vllm.enable_prefix_caching",
     "rollout.vllm.enable_sleep_mode", "rollout.vllm.sleep_level", "rollout.vllm.max_num_seqs", "rollout.vllm.enforce_eager",
     "rollout.vllm.tensor_parallel_size", "reward.num_workers",
 })
@@ -215,6 +218,7 @@ def choices() -> dict[str, tuple]:
         "model.dtype": tuple(DTYPES),
         "model.device": DEVICES,
         "rollout.engine": ENGINES,
+        "rollout.merge_lora": MERGE_LORA,
         "rollout.vllm.max_lora_rank": VLLM_LORA_RANKS,
         "reward.name": reward_names(),
         "algorithm.loss_mode": MODES,

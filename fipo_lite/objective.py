@@ -124,6 +124,36 @@ def _ratio_quantiles(prefix: str, r: torch.Tensor) -> dict[str, float]:
     return out
 
 
+INFLUENCE_HEAD = 8  # influence_mean_head: the first tokens of each response, where the answer's form is chosen
+
+
+def _influence_profile(f, raw, m, adv, ratio, safety_thresh) -> dict[str, float]:
+    """Where the influence weights go: quantiles of f and of the unclipped exp(FutureKL), the share of
+    tokens moved off 1, by advantage sign, the first INFLUENCE_HEAD tokens of each response against the
+    rest, and how often the safety rule engaged (A < 0 and ratio > safety_thresh)."""
+    if not bool(m.any()):
+        return {}
+    out = {}
+    fm, rm = f[m].float(), raw[m].float()
+    if fm.numel() > 1_000_000:
+        keep = torch.randperm(fm.numel(), device=fm.device)[:1_000_000]
+        fm, rm = fm[keep], rm[keep]
+    qs = torch.tensor([0.5, 0.9, 0.99], device=fm.device)
+    for name, v in zip(("p50", "p90", "p99"), torch.quantile(fm, qs).tolist()):
+        out[f"influence_{name}"] = v
+    for name, v in zip(("p01", "p50", "p99"), torch.quantile(rm, torch.tensor([0.01, 0.5, 0.99], device=rm.device)).tolist()):
+        out[f"fkl_exp_{name}"] = v
+    out["influence_frac_moved"] = ((fm - 1.0).abs() > 0.01).float().mean().item()
+    for name, sel in (("pos", m & (adv > 0)), ("neg", m & (adv < 0))):
+        out[f"influence_mean_{name}"] = f[sel].mean().item() if bool(sel.any()) else math.nan
+    head = torch.zeros_like(m)
+    head[:, :INFLUENCE_HEAD] = True
+    for name, sel in (("head", m & head), ("tail", m & ~head)):
+        out[f"influence_mean_{name}"] = f[sel].mean().item() if bool(sel.any()) else math.nan
+    out["safety_frac"] = (m & (adv < 0) & (ratio > safety_thresh)).float().sum().item() / m.sum().item()
+    return out
+
+
 def policy_loss(
     old_logp: torch.Tensor,
     logp: torch.Tensor,
@@ -252,6 +282,7 @@ def policy_loss(
                 fm = f[m]
                 metrics["influence_frac_upper"] = (fm >= fkl_clip_high).float().mean().item() if fm.numel() else math.nan
                 metrics["influence_frac_lower"] = (fm <= fkl_clip_low).float().mean().item() if fm.numel() else math.nan
+                metrics.update(_influence_profile(f, raw, m, adv, ratio_d, safety_thresh))
             if ref_logp is not None and kl_coef:
                 metrics["kl_ref"] = (kl_ref.detach() * mf).sum().item() / n_tok
             metrics.update(_ratio_quantiles("ratio_pos", ratio_d[m & (adv > 0)]))

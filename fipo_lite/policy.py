@@ -22,6 +22,8 @@ class SeqBatch:
     attention_mask: torch.Tensor
     response_mask: torch.Tensor  # [B, R], 1 on real response tokens
     prompt_width: int
+    prompt_index: torch.Tensor | None = None  # [B]: which distinct prompt each row has (rows of a group share one)
+    distinct_rows: torch.Tensor | None = None  # [G]: one row holding each distinct prompt
 
     @classmethod
     def from_lists(cls, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> "SeqBatch":
@@ -30,6 +32,9 @@ class SeqBatch:
         P = max(len(p) for p in prompts)
         R = max(1, max(len(r) for r in responses))
         B = len(prompts)
+        first: dict[tuple, int] = {}
+        index = [first.setdefault(tuple(p), len(first)) for p in prompts]
+        distinct = torch.tensor([index.index(g) for g in range(len(first))], dtype=torch.long)
         ids = torch.full((B, P + R), pad_id, dtype=torch.long)
         attn = torch.zeros((B, P + R), dtype=torch.long)
         rmask = torch.zeros((B, R), dtype=torch.float32)
@@ -39,10 +44,12 @@ class SeqBatch:
             if r:
                 ids[b, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
             rmask[b, : len(r)] = 1.0
-        return cls(ids, attn, rmask, P)
+        return cls(ids, attn, rmask, P, torch.tensor(index, dtype=torch.long), distinct)
 
     def to(self, device) -> "SeqBatch":
-        return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_width)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SeqBatch(move(self.input_ids), move(self.attention_mask), move(self.response_mask), self.prompt_width,
+                        move(self.prompt_index), move(self.distinct_rows))
 
 
 def _token_logp(lm_head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -58,10 +65,11 @@ def _token_entropy(lm_head, h: torch.Tensor) -> torch.Tensor:
 class Policy:
     """A causal LM (usually a peft LoRA model) seen as a policy over response tokens."""
 
-    def __init__(self, model, tokenizer, chunk_size: int = 1024):
+    def __init__(self, model, tokenizer, chunk_size: int = 1024, share_prompts: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.chunk_size = max(1, int(chunk_size))
+        self.share_prompts = share_prompts
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
         self.lm_head = base.get_output_embeddings()
@@ -76,11 +84,15 @@ class Policy:
     def logprobs(self, batch: SeqBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log pi(y_t | x, y_<t) for every response column, [B, R] (0 on padding), and entropy."""
         batch = batch.to(self.device)
-        # Positions as generate() assigns them under left padding, so trainer and sampler agree.
-        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
         P, R = batch.prompt_width, batch.response_mask.shape[1]
-        h = hidden[:, P - 1 : P + R - 1]  # the state that predicts each response token
+        # Positions as the samplers assign them under left padding, so trainer and sampler agree.
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if self._can_share(batch):
+            h = self._shared_prompt_states(batch, position_ids)
+        else:
+            hidden = self.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+            h = hidden[:, P - 1 : P + R - 1]  # the state that predicts each response token
         targets = batch.input_ids[:, P : P + R]
         sel = batch.response_mask.bool()
         h_sel, t_sel = h[sel], targets[sel]
@@ -102,6 +114,27 @@ class Policy:
             if with_entropy:
                 ent = ent.masked_scatter(sel, torch.cat(ents))
         return logp, ent
+
+    def _can_share(self, batch: SeqBatch) -> bool:
+        # Activation checkpointing turns the KV cache off inside transformers, so it runs unshared.
+        return (self.share_prompts and batch.distinct_rows is not None and len(batch.distinct_rows) < len(batch.prompt_index)
+                and not getattr(self.model, "is_gradient_checkpointing", False))
+
+    def _shared_prompt_states(self, batch: SeqBatch, position_ids: torch.Tensor) -> torch.Tensor:
+        """The states that predict each response token, with each distinct prompt run once: the n
+        samples of a GRPO group share their prompt, so its forward (and backward) is done for one row
+        and its keys/values are handed to every row of the group by an index (a gather, whose
+        gradient sums the group's contributions). The same sums as the unshared pass, in another order."""
+        P = batch.prompt_width
+        rows, index = batch.distinct_rows, batch.prompt_index
+        out = self.body(input_ids=batch.input_ids[rows, :P], attention_mask=batch.attention_mask[rows, :P],
+                        position_ids=position_ids[rows, :P], use_cache=True)
+        cache = out.past_key_values
+        cache.batch_select_indices(index)
+        last = out.last_hidden_state[:, -1][index]  # predicts the first response token
+        rest = self.body(input_ids=batch.input_ids[:, P:], attention_mask=batch.attention_mask, position_ids=position_ids[:, P:],
+                         past_key_values=cache, use_cache=True).last_hidden_state
+        return torch.cat([last.unsqueeze(1), rest[:, :-1]], dim=1)
 
     @contextmanager
     def reference(self):

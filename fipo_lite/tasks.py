@@ -1,85 +1,174 @@
-"""Synthetic tasks for the CPU demo: addition answered at once or digit by digit.
+"""Synthetic tasks for the CPU runs: a short answer a tiny model usually gets wrong, or a long,
+step-by-step one it usually gets right. Reachable as `synthetic:NAME` (see TASKS).
 
-Both answer forms end with "answer N", so one reward (last integer == ground truth) scores both:
+Every answer form ends with "answer N", so one reward (last integer == ground truth) scores both:
 
-    direct: "answer 132"                        short, and a tiny model usually gets it wrong
-    steps:  "7+5=12\\n4+8+1=13\\nanswer 132"      longer, column by column with carries, usually right
+    addition, addition3 (the demo; ~12 vs ~35 tokens):
+        prompt "47+85"
+        direct: "answer 132"
+        steps:  "7+5=12\\n4+8+1=13\\nanswer 132"          column by column with carries
+    modsum20 (long responses; 8 vs 168 tokens):
+        prompt "A3 B7 C2 ... T4"                         20 labelled digits
+        direct: "answer 9"                               the sum mod 10 at a glance: ~1 in 10 right
+        steps:  "A 0+3=3\\nB 3+7=0\\nC 0+2=2\\n...\\nanswer 9"   a running sum mod 10, one line per digit
 
-The first character already decides the form ('a' vs a digit), so RL can move probability mass
-from the short answer to the long one: a miniature of FIPO's length scaling.
+The warm start (tiny.py) teaches both forms and then tilts the model towards the short one, so RL
+has to discover that the longer response pays: a miniature of FIPO's length scaling. In modsum20
+each line is easy (find the label's digit in the prompt, add mod 10) but a correct answer needs all
+20 of them, so accuracy requires the responses to grow ~20x.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 
 from .errors import UserError
 from .example import Example
 
-TASKS = {"addition": 2, "addition3": 3}  # task name -> number of digits per operand
 FORMS = ("direct", "steps")
 
 
-def _split_of(a: int, b: int) -> str:
-    """Deterministic, disjoint train/val split of the problem space (about 1 in 8 problems is val)."""
-    return "val" if (a * 7919 + b * 104729) % 8 == 0 else "train"
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
 
 
-def problems(name: str, split: str) -> list[tuple[int, int]]:
+@dataclass(frozen=True)
+class Addition:
+    """a + b with `digits`-digit operands; the whole problem space, split ~1 in 8 for val."""
+
+    digits: int
+    step_line = re.compile(r"^\d\+\d(\+1)?=\d+$")
+
+    def problems(self, split: str) -> list[tuple[int, int]]:
+        lo, hi = 10 ** (self.digits - 1), 10**self.digits
+        return [(a, b) for a in range(lo, hi) for b in range(lo, hi) if _split_of((a * 7919 + b * 104729) % 8) == split]
+
+    def prompt(self, p: tuple[int, int]) -> str:
+        return f"{p[0]}+{p[1]}"
+
+    def answer(self, p: tuple[int, int]) -> int:
+        return p[0] + p[1]
+
+    def extra(self, p: tuple[int, int]) -> dict:
+        return {"a": p[0], "b": p[1]}
+
+    def problem_of(self, extra: dict) -> tuple[int, int]:
+        return extra["a"], extra["b"]
+
+    def steps(self, p: tuple[int, int]) -> list[str]:
+        xs, ys = str(p[0])[::-1], str(p[1])[::-1]
+        lines, carry = [], 0
+        for i in range(max(len(xs), len(ys))):
+            x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+            s = x + y + carry
+            lines.append(f"{x}+{y}" + ("+1" if carry else "") + f"={s}")
+            carry = s // 10
+        return lines
+
+
+@dataclass(frozen=True)
+class ModSum:
+    """The sum mod 10 of `items` labelled digits (labels A, B, C, ...); problems are drawn at random,
+    `pool` per split, and a hash of the digits keeps train and val disjoint."""
+
+    items: int
+    pool: int = 20000
+    step_line = re.compile(r"^[A-Z] \d\+\d=\d$")
+
+    def problems(self, split: str) -> list[tuple[int, ...]]:
+        rng = random.Random(f"modsum{self.items}/{split}")  # one pool per split; make_examples shuffles it by seed
+        out, seen = [], set()
+        while len(out) < self.pool:
+            p = tuple(rng.randrange(10) for _ in range(self.items))
+            if p not in seen and _split_of(hash_digits(p) % 8) == split:
+                seen.add(p)
+                out.append(p)
+        return out
+
+    def prompt(self, p: tuple[int, ...]) -> str:
+        return " ".join(f"{chr(65 + i)}{d}" for i, d in enumerate(p))
+
+    def answer(self, p: tuple[int, ...]) -> int:
+        return sum(p) % 10
+
+    def extra(self, p: tuple[int, ...]) -> dict:
+        return {"digits": list(p)}
+
+    def problem_of(self, extra: dict) -> tuple[int, ...]:
+        return tuple(extra["digits"])
+
+    def steps(self, p: tuple[int, ...]) -> list[str]:
+        lines, s = [], 0
+        for i, d in enumerate(p):
+            lines.append(f"{chr(65 + i)} {s}+{d}={(s + d) % 10}")
+            s = (s + d) % 10
+        return lines
+
+
+def hash_digits(p: tuple[int, ...]) -> int:
+    """A deterministic integer hash of a digit tuple (Python's hash() of str is salted per process)."""
+    h = 0
+    for d in p:
+        h = (h * 1_000_003 + d + 1) % (1 << 61)
+    return h
+
+
+TASKS = {"addition": Addition(2), "addition3": Addition(3), "modsum20": ModSum(20)}
+
+
+def _split_of(bucket: int) -> str:
+    """Deterministic, disjoint train/val split of the problem space (bucket 0 of 8 is val)."""
+    return "val" if bucket == 0 else "train"
+
+
+def get_task(name: str):
     if name not in TASKS:
         raise UserError(f"unknown synthetic task {name!r}; valid: {sorted(TASKS)}")
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    d = TASKS[name]
-    lo, hi = 10 ** (d - 1), 10**d
-    return [(a, b) for a in range(lo, hi) for b in range(lo, hi) if _split_of(a, b) == split]
+    return TASKS[name]
 
 
-def prompt_text(a: int, b: int) -> str:
-    return f"{a}+{b}"
+def task_of(example: Example):
+    """The task an example of `make_examples` came from (its data_source is synthetic/NAME)."""
+    return get_task(example.data_source.split("/", 1)[1])
 
 
-def format_response(a: int, b: int, form: str) -> str:
-    """The reference answer in one of the two forms (used by the warm start)."""
-    if form == "direct":
-        return f"answer {a + b}"
-    if form != "steps":
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    xs, ys = str(a)[::-1], str(b)[::-1]
-    lines, carry = [], 0
-    for i in range(max(len(xs), len(ys))):
-        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
-        terms = f"{x}+{y}" + ("+1" if carry else "")
-        s = x + y + carry
-        lines.append(f"{terms}={s}")
-        carry = s // 10
-    return "\n".join(lines + [f"answer {a + b}"])
+def format_response(task, problem, form: str) -> str:
+    """The reference answer of `problem` in one of the forms (what the warm start trains on)."""
+    _check_form(form)
+    final = f"answer {task.answer(problem)}"
+    return final if form == "direct" else "\n".join(task.steps(problem) + [final])
 
 
-_STEP = re.compile(r"^\d\+\d(\+1)?=\d+$")
-
-
-def classify_form(response: str) -> str:
-    """'direct', 'steps' (at least one column line before the answer) or 'other'."""
+def classify_form(response: str, task=None) -> str:
+    """'direct', 'steps' (at least one work line before the answer) or 'other'. Work lines are
+    checked against `task`'s line format; without a task, any task's format counts."""
     lines = response.strip().split("\n")
     if not re.fullmatch(r"answer -?\d+", lines[-1].strip()):
         return "other"
     if len(lines) == 1:
         return "direct"
-    return "steps" if all(_STEP.match(line.strip()) for line in lines[:-1]) else "other"
+    patterns = [task.step_line] if task is not None else list({t.step_line.pattern: t.step_line for t in TASKS.values()}.values())
+    ok = any(all(pat.match(line.strip()) for line in lines[:-1]) for pat in patterns)
+    return "steps" if ok else "other"
 
 
 def make_examples(name: str, n: int | None, seed: int, split: str = "train") -> list[Example]:
-    """`n` problems (all when None) of task `name`, shuffled by `seed`; train and val never overlap."""
-    pool = problems(name, split)
+    """`n` problems (all, or the task's pool, when None) of task `name`, shuffled by `seed`;
+    train and val never overlap."""
+    task = get_task(name)
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    pool = task.problems(split)
     random.Random(f"{name}/{split}/{seed}").shuffle(pool)
     if n is not None:
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
         pool = pool[:n]
     return [
-        Example(prompt=[{"role": "user", "content": prompt_text(a, b)}], ground_truth=str(a + b),
-                data_source=f"synthetic/{name}", index=i, extra={"a": a, "b": b})
-        for i, (a, b) in enumerate(pool)
+        Example(prompt=[{"role": "user", "content": task.prompt(p)}], ground_truth=str(task.answer(p)),
+                data_source=f"synthetic/{name}", index=i, extra=task.extra(p))
+        for i, p in enumerate(pool)
     ]

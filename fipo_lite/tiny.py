@@ -131,12 +131,13 @@ def save_random_tiny(path, *, seed: int = 0, hidden_size: int = 128, num_layers:
 def _sft_batch(tok, examples, forms, device):
     """Right-padded prompt+response ids with labels only on the response (and its EOS)."""
     from .data import encode_prompt
-    from .tasks import format_response
+    from .tasks import format_response, task_of
 
     seqs, labels = [], []
     for ex, form in zip(examples, forms):
+        task = task_of(ex)
         p = encode_prompt(tok, ex.prompt)
-        r = tok(format_response(ex.extra["a"], ex.extra["b"], form), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        r = tok(format_response(task, task.problem_of(ex.extra), form), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append(p + r)
         labels.append([-100] * len(p) + r)
     width = max(map(len, seqs))
@@ -187,7 +188,7 @@ def measure_forms(model, tok, task: str = "addition", n: int = 256, seed: int = 
     from .engines.base import SamplingParams
     from .engines.hf import HFEngine
     from .rewards import exact_reward  # the synthetic task's training reward
-    from .tasks import classify_form, make_examples
+    from .tasks import classify_form, get_task, make_examples
 
     examples = make_examples(task, n, seed=seed, split="val")
     prompts = [encode_prompt(tok, e.prompt) for e in examples]
@@ -197,7 +198,7 @@ def measure_forms(model, tok, task: str = "addition", n: int = 256, seed: int = 
     stats = {"n": float(len(texts))}
     right_all = []
     for form in ("direct", "steps", "other"):
-        idx = [i for i, t in enumerate(texts) if classify_form(t) == form]
+        idx = [i for i, t in enumerate(texts) if classify_form(t, get_task(task)) == form]
         right = [exact_reward(texts[i], examples[ro.prompt_index[i]].ground_truth)[1] for i in idx]
         right_all += right
         stats[f"share/{form}"] = len(idx) / len(texts)

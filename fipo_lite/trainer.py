@@ -79,9 +79,14 @@ class Group:
     texts: list[str] | None = None
 
 
-def rollout_groups(engine, tokenizer, examples, prompt_ids, params: SamplingParams, reward_fn) -> tuple[list[Group], int]:
-    """Sample n responses per prompt and score them; returns the groups and reward failures."""
+def rollout_groups(engine, tokenizer, examples, prompt_ids, params: SamplingParams, reward_fn,
+                   timings: dict | None = None) -> tuple[list[Group], int]:
+    """Sample n responses per prompt and score them; returns the groups and reward failures (and adds
+    the seconds spent sampling and scoring to `timings`)."""
     scored = sample_and_score(engine, tokenizer, examples, prompt_ids, params, reward_fn)
+    if timings is not None:
+        timings["sample"] = timings.get("sample", 0.0) + scored.sample_s
+        timings["reward"] = timings.get("reward", 0.0) + scored.reward_s
     ro, texts, rew = scored.rollout, scored.texts, scored.rewards
     groups = []
     for g, rows in enumerate(scored.rows_by_prompt(len(prompt_ids))):
@@ -115,7 +120,7 @@ class DynamicSamplingError(UserError):
 
 
 def collect_groups(engine, tokenizer, examples, prompt_ids, stream: PromptStream, params: SamplingParams, reward_fn,
-                   cfg: DictConfig) -> tuple[list[Group], list[Group], int, int]:
+                   cfg: DictConfig, timings: dict | None = None) -> tuple[list[Group], list[Group], int, int]:
     """DAPO dynamic sampling as in the recipe's trainer: generation batches of `gen_batch_size` prompts,
     keeping the groups with signal, until train_batch_size groups are kept (the surplus is dropped) or
     max_num_gen_batches is reached, where on_cap decides: stop with an error, or train on fewer groups.
@@ -137,7 +142,8 @@ def collect_groups(engine, tokenizer, examples, prompt_ids, stream: PromptStream
             break
         n_gen += 1
         idx = stream.take(size)
-        groups, fails = rollout_groups(engine, tokenizer, [examples[i] for i in idx], [prompt_ids[i] for i in idx], params, reward_fn)
+        groups, fails = rollout_groups(engine, tokenizer, [examples[i] for i in idx], [prompt_ids[i] for i in idx], params, reward_fn,
+                                       timings)
         failures += fails
         sampled += groups
         kept += [g for g in groups if has_signal(g, fg.metric)] if fg.enable else groups
@@ -203,9 +209,16 @@ def recompute_old_logp(policy: Policy, samples: list[Sample], cfg: DictConfig) -
     return ents / max(counts, 1)
 
 
-def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: DictConfig) -> dict[str, float]:
+def is_on_policy(num_samples: int, n: int, cfg: DictConfig) -> bool:
+    """One epoch over one mini-batch: the update's first forward IS the old policy (as verl's and
+    TRL's actors, the old log-probs are then that forward's, detached, and no extra pass runs)."""
+    return cfg.trainer.ppo_epochs == 1 and num_samples <= cfg.trainer.ppo_mini_batch_size * n
+
+
+def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: DictConfig, on_policy: bool = False) -> dict[str, float]:
     """ppo_epochs x mini-batches of ppo_mini_batch_size prompts, gradient accumulation over
-    micro-batches with ONE denominator per mini-batch (the big-batch gradient, exactly)."""
+    micro-batches with ONE denominator per mini-batch (the big-batch gradient, exactly).
+    `on_policy` (see is_on_policy): old log-probs and entropy come from the update's own forward."""
     a, t = cfg.algorithm, cfg.trainer
     kw = policy_loss_kwargs(cfg)
     kw["max_response_length"] = cfg.rollout.max_new_tokens
@@ -215,6 +228,7 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: Di
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     n_updates, n_skipped = 0, 0
+    ent_sum, ent_count = 0.0, 0
     # Training mode for the update only: transformers checkpoints activations (model.gradient_checkpointing)
     # and LoRA dropout acts only in training mode; sampling and old log-probs run in eval mode.
     policy.model.train()
@@ -225,7 +239,13 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: Di
             loss_sum, kept_tok, kept_seq, mb_metrics = 0.0, 0.0, 0.0, []
             for mb in micro_batches(mb_samples, t.micro_batch_size, t.max_tokens_per_micro_batch):
                 batch, adv, old = to_tensors(mb, pad_id, policy.device)
-                logp, _ = policy.logprobs(batch)
+                logp, ent = policy.logprobs(batch, with_entropy=on_policy)
+                if on_policy:
+                    old = logp.detach()
+                    for b, s in enumerate(mb):
+                        s.old_logp = old[b, : len(s.response_ids)].cpu()
+                    ent_sum += float((ent * batch.response_mask.to(ent.device)).sum())
+                    ent_count += int(batch.response_mask.sum())
                 ref = None
                 if a.loss_mode == "grpo" and a.kl_coef:
                     with torch.no_grad(), policy.reference():
@@ -267,6 +287,8 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: Di
     out = {M.ACTOR + k: sums[k] / counts[k] for k in sums if counts[k]}
     out[M.NUM_UPDATES] = n_updates
     out[M.SKIPPED_STEPS] = n_skipped
+    if on_policy:
+        out[M.ENTROPY] = ent_sum / max(ent_count, 1)
     return out
 
 
@@ -323,7 +345,8 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         torch.set_num_threads(t.num_threads)
     set_seed(cfg.seed)
     model, tokenizer = load_model(cfg)
-    policy = Policy(model, tokenizer, t.logprob_chunk_size)
+    # Unsloth replaces the model's forward with its own; the shared-prompt pass is checked on transformers' only.
+    policy = Policy(model, tokenizer, t.logprob_chunk_size, share_prompts=t.share_prompt_forward and cfg.model.backend != "unsloth")
     engine = build_engine(cfg, model, tokenizer)
     reward_fn = RewardRunner(cfg.reward, max_response_length=r.max_new_tokens)
     synthetic = cfg.data.train.startswith("synthetic:")
@@ -377,7 +400,8 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
     for step in bar:
         t0 = time.perf_counter()
         # 1. rollout with DAPO dynamic sampling: keep groups whose accuracy varies, refill.
-        kept, sampled, n_gen, failures = collect_groups(engine, tokenizer, train_ex, train_ids, stream, sampling, reward_fn, cfg)
+        timings: dict[str, float] = {}
+        kept, sampled, n_gen, failures = collect_groups(engine, tokenizer, train_ex, train_ids, stream, sampling, reward_fn, cfg, timings)
         t_gen = time.perf_counter() - t0
 
         # 2. advantages, old log-probs, update.
@@ -387,9 +411,13 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
                 samples.append(Sample(g.prompt_ids, resp, adv, g.sampler_logprobs[j] if g.sampler_logprobs else None))
         row = {M.STEP: step}
         if samples:
-            entropy = recompute_old_logp(policy, samples, cfg)
-            row.update(ppo_update(policy, optimizer, samples, r.n, cfg))
-            row[M.ENTROPY] = entropy
+            on_policy = is_on_policy(len(samples), r.n, cfg)
+            t1 = time.perf_counter()
+            if not on_policy:
+                row[M.ENTROPY] = recompute_old_logp(policy, samples, cfg)
+            t2 = time.perf_counter()
+            row.update(ppo_update(policy, optimizer, samples, r.n, cfg, on_policy=on_policy))
+            row["time/old_logp_s"], row["time/update_s"] = t2 - t1, time.perf_counter() - t2
             lengths = [len(s.response_ids) for s in samples]
             row[M.LENGTH_WEIGHTED_ADV] = sum(L * s.advantage for L, s in zip(lengths, samples)) / max(sum(lengths), 1)
             if samples[0].sampler_logprobs is not None:
@@ -409,13 +437,15 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         row[M.PARTIAL_BATCH] = int(len(kept) < t.train_batch_size)
         row[M.REWARD_FAILURES] = failures
         if synthetic:  # which answer form the policy chose: the demo's "thinking longer"
-            from .tasks import classify_form
+            from .tasks import classify_form, get_task
 
+            task = get_task(cfg.data.train.split(":", 1)[1])
             for key, groups in ((M.STEPS_FORM_FRAC, kept), (M.SAMPLED[M.STEPS_FORM_FRAC], sampled)):
-                forms = [classify_form(x) for g in groups for x in g.texts]
+                forms = [classify_form(x, task) for g in groups for x in g.texts]
                 row[key] = forms.count("steps") / len(forms) if forms else math.nan
         row["actor/lr"] = scheduler.get_last_lr()[0]
-        row["time/gen_s"] = t_gen
+        row["time/gen_s"] = t_gen  # sampling + scoring, every generation batch of the step
+        row["time/sample_s"], row["time/reward_s"] = timings.get("sample", 0.0), timings.get("reward", 0.0)
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.total_steps):
             row.update(run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn))
         row["time/step_s"] = time.perf_counter() - t0

@@ -100,12 +100,13 @@ def test_addition_splits_are_disjoint_and_deterministic():
 def test_both_forms_end_with_the_answer(a, b):
     import re
 
+    task = tasks.get_task("addition")
     for form in tasks.FORMS:
-        text = tasks.format_response(a, b, form)
+        text = tasks.format_response(task, (a, b), form)
         assert int(re.findall(r"-?\d+", text)[-1]) == a + b
-        assert tasks.classify_form(text) == form
-    steps = tasks.format_response(a, b, "steps")
-    assert len(steps) > len(tasks.format_response(a, b, "direct"))
+        assert tasks.classify_form(text, task) == form
+    steps = tasks.format_response(task, (a, b), "steps")
+    assert len(steps) > len(tasks.format_response(task, (a, b), "direct"))
     assert steps.split("\n")[0] == f"{a % 10}+{b % 10}={a % 10 + b % 10}"
 
 
@@ -116,7 +117,7 @@ def test_classify_form_rejects_malformed_and_bad_names():
     with pytest.raises(ValueError, match="unknown synthetic task"):
         tasks.make_examples("subtraction", 3, seed=0)
     with pytest.raises(ValueError, match="form"):
-        tasks.format_response(1, 2, "long")
+        tasks.format_response(tasks.get_task("addition"), (1, 2), "long")
 
 
 def test_building_does_not_disturb_the_callers_rng(tmp_path):

@@ -1,0 +1,148 @@
+"""fipo_lite's training loop against TRL's GRPOTrainer, side by side in one run on one machine.
+
+Same random tiny Qwen2 (0.8M parameters, built here), same 8 addition prompts, 8 samples each, up to
+64 new tokens, LoRA r16 (alpha 32) on all linear layers, one optimizer step per batch, no KL term:
+
+    fipo_lite: `fipo_lite.trainer.train` (FIPO loss, dynamic sampling off, eval and checkpoints off)
+    TRL:       trl.GRPOTrainer (TRL 0.24, loss_type="dapo", beta=0), on the CPU
+
+Each side runs `--rounds` times, alternating, `--steps` steps per round; the first `--warmup` steps
+of each round are not timed. It prints seconds per step (median over the timed steps), the ratio
+fipo_lite / TRL, and where fipo_lite's step goes (sampling, scoring, old log-probs, update).
+Timings are only comparable within one run on an otherwise idle machine.
+
+    python scripts/bench_loop.py [--steps 12] [--rounds 2] [--threads 2] [--out results/bench_loop.json]
+
+Needs the dev extra (TRL 0.24 and transformers 4.57: `pip install -e ".[dev]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = 8
+SAMPLES = 8
+NEW_TOKENS = 64
+LR = 1e-4
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run_fipo_lite(model_dir: str, out_dir: str, steps: int, threads: int, extra: list[str]) -> list[dict]:
+    from fipo_lite import metrics as M
+    from fipo_lite.config import load_config
+    from fipo_lite.trainer import train
+
+    cfg = load_config(None, [
+        f"model.path={model_dir}", "model.device=cpu", "lora.r=16", "lora.alpha=32", f"rollout.n={SAMPLES}",
+        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.generation_batch_size=64", "data.train=synthetic:addition3",
+        f"data.train_size={PROMPTS}", "data.val=synthetic:addition3", "reward.name=exact", "algorithm.loss_mode=fipo",
+        "algorithm.filter_groups.enable=false", f"trainer.train_batch_size={PROMPTS}", f"trainer.gen_batch_size={PROMPTS}",
+        f"trainer.ppo_mini_batch_size={PROMPTS}", "trainer.micro_batch_size=64", f"trainer.lr={LR}", "trainer.warmup_steps=0",
+        f"trainer.total_steps={steps}", "trainer.eval_every=0", "trainer.save_every=0", "trainer.progress=false",
+        f"trainer.num_threads={threads}", "trainer.resume=never", f"output_dir={out_dir}", *extra])
+    train(cfg)
+    return M.read_jsonl(Path(out_dir) / "metrics.jsonl")
+
+
+def run_trl(model_dir: str, out_dir: str, steps: int, threads: int) -> tuple[list[float], list[float]]:
+    """Seconds per optimizer step of TRL's GRPOTrainer (its generation included), and mean completion lengths."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from fipo_lite.rewards import exact_reward
+    from fipo_lite.tasks import make_examples
+
+    torch.set_num_threads(threads)
+    data = Dataset.from_list([{"prompt": e.prompt, "ground_truth": e.ground_truth} for e in make_examples("addition3", PROMPTS, seed=0)])
+
+    def reward(completions, ground_truth, **_):
+        return [exact_reward(c[0]["content"] if isinstance(c, list) else c, g)[0] for c, g in zip(completions, ground_truth)]
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+    args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=PROMPTS * SAMPLES, num_generations=SAMPLES,
+                      max_completion_length=NEW_TOKENS, temperature=1.0, loss_type="dapo", beta=0.0, learning_rate=LR,
+                      max_steps=steps, gradient_accumulation_steps=1, num_iterations=1, logging_steps=1, report_to=[],
+                      use_cpu=True, save_strategy="no", seed=0, gradient_checkpointing=False, disable_tqdm=True,
+                      dataloader_num_workers=0)
+    clock = Clock()
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=[reward], args=args,
+                          processing_class=AutoTokenizer.from_pretrained(model_dir), train_dataset=data,
+                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"),
+                          callbacks=[clock])
+    trainer.train()
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return clock.times, lengths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=12, help="steps per round and side")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps of each round")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per side")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument("fipo_overrides", nargs="*", help="extra fipo_lite overrides, e.g. rollout.merge_lora=false")
+    a = p.parse_args(argv)
+
+    from fipo_lite.tiny import save_random_tiny
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loop_"))
+    model_dir = str(save_random_tiny(tmp / "model", seed=0))
+    fipo_steps: list[dict] = []
+    trl_times: list[float] = []
+    trl_lengths: list[float] = []
+    for r in range(a.rounds):
+        rows = run_fipo_lite(model_dir, str(tmp / f"fipo_{r}"), a.steps, a.threads, a.fipo_overrides)
+        fipo_steps += rows[a.warmup:]
+        times, lengths = run_trl(model_dir, str(tmp / f"trl_{r}"), a.steps, a.threads)
+        trl_times += times[a.warmup:]
+        trl_lengths += lengths[a.warmup:]
+        print(f"[bench_loop] round {r + 1}/{a.rounds}: fipo_lite {statistics.median(x['time/step_s'] for x in rows[a.warmup:]):.3f} s/step, "
+              f"TRL {statistics.median(times[a.warmup:]):.3f} s/step", file=sys.stderr)
+
+    med = {k: statistics.median(x[k] for x in fipo_steps)
+           for k in ("time/step_s", "time/sample_s", "time/reward_s", "time/old_logp_s", "time/update_s")}
+    fipo_s, trl_s = med["time/step_s"], statistics.median(trl_times)
+    fipo_len = statistics.mean(x["sampled/response_length_mean"] for x in fipo_steps)
+    other = fipo_s - med["time/sample_s"] - med["time/reward_s"] - med["time/old_logp_s"] - med["time/update_s"]
+    result = {
+        "setup": {"prompts": PROMPTS, "samples": SAMPLES, "max_new_tokens": NEW_TOKENS, "lora_r": 16, "threads": a.threads,
+                  "timed_steps_per_side": len(trl_times), "fipo_overrides": a.fipo_overrides},
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "fipo_lite_s_per_step": fipo_s, "trl_s_per_step": trl_s, "ratio": fipo_s / trl_s,
+        "fipo_lite_breakdown_s": {"sampling": med["time/sample_s"], "rewards": med["time/reward_s"],
+                                  "old_logprobs": med["time/old_logp_s"], "update": med["time/update_s"], "other": other},
+        "mean_response_tokens": {"fipo_lite": fipo_len, "trl": statistics.mean(trl_lengths) if trl_lengths else None},
+    }
+    print(f"\nfipo_lite {fipo_s:.3f} s/step   TRL GRPOTrainer {trl_s:.3f} s/step   ratio {fipo_s / trl_s:.2f}"
+          f"   (median of {len(trl_times)} timed steps each; {PROMPTS} prompts x {SAMPLES} samples x <= {NEW_TOKENS} tokens)")
+    print(f"mean response tokens: fipo_lite {fipo_len:.1f}, TRL {result['mean_response_tokens']['trl'] or float('nan'):.1f}")
+    print("fipo_lite step: " + ", ".join(f"{k} {v:.3f} s ({100 * v / fipo_s:.0f}%)" for k, v in result["fipo_lite_breakdown_s"].items()))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The HF engine's decode loop and merged-LoRA sampler, and the on-policy update without a separate
+old-log-prob pass: faster, and the same distributions and gradients (scripts/bench_loop.py times them)."""
+
+from __future__ import annotations
+
+import torch
+
+from fipo_lite.engines.base import SamplingParams
+from fipo_lite.engines.hf import HFEngine, process_logits
+from fipo_lite.policy import Policy, SeqBatch
+
+PROMPTS = [[1, 61, 59, 45, 58, 40, 5, 6, 14, 7, 2, 40, 1, 41], [1, 61, 59, 45, 58, 40, 9, 14, 3, 2, 40, 1, 41]]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora(model_dir, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fipo_lite.backends.hf import load_tokenizer
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a non-zero adapter, so merging matters
+            torch.nn.init.normal_(p, std=0.05)
+    return model, load_tokenizer(str(model_dir))
+
+
+def _gap(policy, ro) -> float:
+    logp, _ = policy.logprobs(SeqBatch.from_lists(ro.prompt_ids, ro.response_ids, policy.tokenizer.pad_token_id))
+    return max(abs(logp[i, j].item() - ro.sampler_logprobs[i][j]) for i in range(len(ro)) for j in range(len(ro.response_ids[i])))
+
+
+@torch.no_grad()
+def test_merged_sampler_samples_the_live_policy_and_follows_sync(tiny_model_dir):
+    model, tok = _lora(tiny_model_dir)
+    policy = Policy(model, tok)
+    engine = HFEngine(model, tok, merge_lora="true")
+    assert engine.sampler is not None and not any(hasattr(m, "lora_A") for m in engine.sampler.modules())
+    params = SamplingParams(n=4, max_new_tokens=24, logprobs=True)
+    assert _gap(policy, engine.generate(PROMPTS, params)) < 1e-5  # W + s*B@A == the LoRA forward, up to rounding
+    for name, p in model.named_parameters():  # an "update" of the adapter
+        if "lora_A" in name:
+            p.add_(torch.randn_like(p) * 0.2)
+    stale = _gap(policy, engine.generate(PROMPTS, params))
+    engine.sync(policy)
+    assert stale > 1e-2 and _gap(policy, engine.generate(PROMPTS, params)) < 1e-5
+    base_w = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(base_w, engine.sampler.model.layers[0].self_attn.q_proj.weight)  # the training weights stay unmerged
+
+
+def test_auto_merges_only_cpu_float_lora_models(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = _lora(tiny_model_dir)
+    assert HFEngine(model, tok, merge_lora="auto").sampler is not None
+    assert HFEngine(model, tok, merge_lora="false").sampler is None
+    assert HFEngine(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, merge_lora="auto").sampler is None  # no adapter
+
+
+@torch.no_grad()
+def test_rows_stop_at_their_own_eos_while_others_continue(tiny_model_dir):
+    """Finished rows leave the batch (cache included); the rows still decoding are unaffected: each
+    row's log-probs match a teacher-forced pass over that row alone."""
+    model, tok = _lora(tiny_model_dir)
+    eos = tok.eos_token_id
+    engine = HFEngine(model, tok, merge_lora="false")
+    policy = Policy(model, tok)
+    torch.manual_seed(0)
+    ro = engine.generate(PROMPTS * 8, SamplingParams(n=4, max_new_tokens=40, logprobs=True))
+    lengths = ro.response_lengths
+    assert min(lengths) < max(lengths) == 40  # some rows stopped early while others ran to the limit
+    for resp, trunc in zip(ro.response_ids, ro.truncated):
+        assert resp.count(eos) == (0 if trunc else 1) and (trunc or resp[-1] == eos)
+    assert _gap(policy, ro) < 1e-5
+
+
+def test_process_logits_matches_transformers_warpers():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    for t, k, p in ((0.7, -1, 0.6), (1.3, 5, 1.0), (1.0, 10, 0.9), (1.0, -1, 1.0)):
+        want = TemperatureLogitsWarper(t)(None, logits.clone())
+        if k > 0:
+            want = TopKLogitsWarper(k)(None, want)
+        if p < 1:
+            want = TopPLogitsWarper(p)(None, want)
+        got = process_logits(logits, SamplingParams(temperature=t, top_k=k, top_p=p))
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)])
+
+
+def test_on_policy_update_skips_the_old_logprob_pass_with_the_same_result(tiny_model_dir):
+    """One epoch over one mini-batch: the update's own forward as the old policy gives the same
+    weights as a separate old-log-prob pass (LoRA dropout 0), and reports the entropy."""
+    from fipo_lite.config import load_config
+    from fipo_lite.trainer import Sample, is_on_policy, make_optimizer, ppo_update, recompute_old_logp
+
+    cfg = load_config(None, ["trainer.ppo_mini_batch_size=2", "trainer.micro_batch_size=3", "trainer.lr=1e-2"])
+    results = []
+    for on_policy in (False, True):
+        model, tok = _lora(tiny_model_dir, seed=1)
+        policy = Policy(model, tok)
+        samples = [Sample(PROMPTS[i % 2], [5 + i, 9, 14, 2], adv) for i, adv in enumerate([1.0, -1.0, 0.5, -0.5])]
+        assert is_on_policy(len(samples), 2, cfg)
+        if not on_policy:
+            recompute_old_logp(policy, samples, cfg)
+        out = ppo_update(policy, make_optimizer(policy.trainable_parameters(), cfg), samples, 2, cfg, on_policy=on_policy)
+        assert out["actor/num_updates"] == 1 and ("actor/entropy" in out) == on_policy
+        results.append([p.detach().clone() for p in policy.trainable_parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*results))
+    assert not is_on_policy(4, 2, load_config(None, ["trainer.ppo_mini_batch_size=1"]))
+    assert not is_on_policy(4, 2, load_config(None, ["trainer.ppo_mini_batch_size=2", "trainer.ppo_epochs=2"]))

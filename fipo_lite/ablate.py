@@ -173,13 +173,18 @@ def _run_all(ab: Ablation, tasks: list[tuple[str, int]], totals: dict[str, int],
 
 
 def run_summary(out: Path, wall_s: float) -> dict:
-    """Peak and final val accuracy, first step at >= 90% val accuracy, final mean length, wall time."""
+    """Val accuracy (initial, peak, final, first eval at >= 0.9), sampled accuracy (mean, first step at
+    >= 0.5 and >= 0.9), mean response length at 25%, 50% and 100% of the steps, wall time."""
     rows = M.read_jsonl(out / "metrics.jsonl")
     val = [(r[M.STEP], r[M.VAL_AVG]) for r in rows if isinstance(r.get(M.VAL_AVG), (int, float))]
     lengths = [r[M.LENGTH["mean"]] for r in rows if isinstance(r.get(M.LENGTH["mean"]), (int, float))]
     reach = [s for s, v in val if v >= 0.9]
-    train = [(r[M.STEP], r[M.ACCURACY]) for r in rows if isinstance(r.get(M.ACCURACY), (int, float))]
+    # The policy's accuracy on everything it sampled (the kept groups' accuracy, which the recipe logs,
+    # is biased: dynamic sampling drops the all-correct groups); runs logged before sampled/* existed: the latter.
+    acc_key = M.SAMPLED[M.ACCURACY] if any(M.SAMPLED[M.ACCURACY] in r for r in rows) else M.ACCURACY
+    train = [(r[M.STEP], r[acc_key]) for r in rows if isinstance(r.get(acc_key), (int, float))]
     train_reach = [s for s, v in train if v >= 0.9]
+    train_half = [s for s, v in train if v >= 0.5]
     by_step = {r[M.STEP]: r[M.LENGTH["mean"]] for r in rows if isinstance(r.get(M.LENGTH["mean"]), (int, float))}
     last = max(by_step) if by_step else 0
 
@@ -192,6 +197,7 @@ def run_summary(out: Path, wall_s: float) -> dict:
         "length_at_50": length_at(0.5),
         "train_acc_mean": sum(v for _, v in train) / len(train) if train else float("nan"),
         "train_step_to_90": float(train_reach[0]) if train_reach else float("nan"),
+        "train_step_to_50": float(train_half[0]) if train_half else float("nan"),
         "peak_val_acc": max(v for _, v in val) if val else float("nan"),
         "final_val_acc": val[-1][1] if val else float("nan"),
         "initial_val_acc": val[0][1] if val else float("nan"),
@@ -203,8 +209,9 @@ def run_summary(out: Path, wall_s: float) -> dict:
 
 COLUMNS = [("peak_val_acc", "peak val avg@k", "{:.3f}"), ("final_val_acc", "final val avg@k", "{:.3f}"),
            ("step_to_90", "first eval step with val >= 0.9", "{:.1f}"),
-           ("train_acc_mean", "mean train accuracy over all steps", "{:.3f}"),
-           ("train_step_to_90", "first step with train accuracy >= 0.9", "{:.1f}"),
+           ("train_acc_mean", "mean sampled accuracy over all steps", "{:.3f}"),
+           ("train_step_to_50", "first step with sampled accuracy >= 0.5", "{:.1f}"),
+           ("train_step_to_90", "first step with sampled accuracy >= 0.9", "{:.1f}"),
            ("length_at_25", "mean length at 25% of steps", "{:.1f}"), ("length_at_50", "mean length at 50% of steps", "{:.1f}"),
            ("final_mean_length", "final mean length (tokens)", "{:.1f}"),
            ("wall_s", "wall time (s)", "{:.0f}")]
@@ -227,7 +234,7 @@ def table(ab: Ablation, summaries: dict[str, list[dict]]) -> str:
     lines = ["| variant | overrides | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
     for variant, rows in summaries.items():
-        cells = [_mean_spread([r[key] for r in rows], fmt, "never" if key.endswith("_to_90") else "n/a") for key, _, fmt in COLUMNS]
+        cells = [_mean_spread([r[key] for r in rows], fmt, "never" if "_to_" in key else "n/a") for key, _, fmt in COLUMNS]
         lines.append(f"| {variant} | `{' '.join(ab.variants[variant])}` | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

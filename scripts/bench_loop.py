@@ -120,10 +120,11 @@ def main(argv=None) -> int:
         print(f"[bench_loop] round {r + 1}/{a.rounds}: fipo_lite {statistics.median(x['time/step_s'] for x in rows[a.warmup:]):.3f} s/step, "
               f"TRL {statistics.median(times[a.warmup:]):.3f} s/step", file=sys.stderr)
 
-    med = {k: statistics.median(x[k] for x in fipo_steps)
+    # (an older fipo_lite logs only time/step_s and time/gen_s: its breakdown is left as nan)
+    med = {k: statistics.median(x.get(k, float("nan")) for x in fipo_steps)
            for k in ("time/step_s", "time/sample_s", "time/reward_s", "time/old_logp_s", "time/update_s")}
     fipo_s, trl_s = med["time/step_s"], statistics.median(trl_times)
-    fipo_len = statistics.mean(x["sampled/response_length_mean"] for x in fipo_steps)
+    fipo_len = statistics.mean(x.get("sampled/response_length_mean", x["response_length/mean"]) for x in fipo_steps)
     other = fipo_s - med["time/sample_s"] - med["time/reward_s"] - med["time/old_logp_s"] - med["time/update_s"]
     result = {
         "setup": {"prompts": PROMPTS, "samples": SAMPLES, "max_new_tokens": NEW_TOKENS, "lora_r": 16, "threads": a.threads,

@@ -113,3 +113,35 @@ def test_on_policy_update_skips_the_old_logprob_pass_with_the_same_result(tiny_m
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*results))
     assert not is_on_policy(4, 2, load_config(None, ["trainer.ppo_mini_batch_size=1"]))
     assert not is_on_policy(4, 2, load_config(None, ["trainer.ppo_mini_batch_size=2", "trainer.ppo_epochs=2"]))
+
+
+def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(tiny_model_dir):
+    """Rows of a group run their common prompt once (keys/values gathered to every row): the same
+    log-probs, entropies and LoRA gradients as the plain pass, with left padding and several groups."""
+    model, tok = _lora(tiny_model_dir)
+    torch.manual_seed(0)
+    prompts = [PROMPTS[(i // 4) % 2][: len(PROMPTS[(i // 4) % 2]) - i // 8] for i in range(16)]  # 4 distinct, 3 lengths
+    responses = [torch.randint(4, 90, (int(torch.randint(3, 30, ())),)).tolist() for _ in range(16)]
+    batch = SeqBatch.from_lists(prompts, responses, tok.pad_token_id)
+    assert batch.distinct_rows.tolist() == [0, 4, 8, 12] and batch.prompt_index.tolist() == [g for g in range(4) for _ in range(4)]
+    weights = torch.rand(batch.response_mask.shape)
+    got = []
+    for share in (False, True):
+        model.zero_grad()
+        logp, ent = Policy(model, tok, share_prompts=share).logprobs(batch, with_entropy=True)
+        (logp * weights).sum().backward()
+        got.append((logp.detach(), ent, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (lp0, ent0, g0), (lp1, ent1, g1) = got
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(ent0, ent1, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g0, g1))
+    assert any(a.abs().max() > 0 for a in g0)
+
+
+def test_prompt_sharing_is_off_under_gradient_checkpointing(tiny_model_dir):
+    model, tok = _lora(tiny_model_dir)
+    batch = SeqBatch.from_lists([PROMPTS[0]] * 4, [[5, 6], [7], [8, 9, 10], [11]], tok.pad_token_id)
+    policy = Policy(model, tok)
+    assert policy._can_share(batch)
+    model.gradient_checkpointing_enable()
+    assert not policy._can_share(batch)  # transformers turns the KV cache off under checkpointing
+    assert not Policy(model, tok, share_prompts=False)._can_share(batch)

@@ -66,11 +66,16 @@ def test_run_trains_logs_and_checkpoints(fipo_run):
             assert key in r, key
             if r[key] is not None:
                 assert math.isfinite(r[key]), key
-    # the adapter moved away from its (zero) LoRA-B initialisation and keeps moving
-    a1, a3 = _adapter(fipo_run, 2), _adapter(fipo_run, 3)
-    lora_b = [k for k in a1 if "lora_B" in k]
-    assert lora_b and any(a1[k].abs().sum() > 0 for k in lora_b)
-    assert any(not torch.equal(a1[k], a3[k]) for k in a1)
+    # the adapter moved away from its (zero) LoRA-B initialisation at the first step that trained, and
+    # keeps moving (which steps find a group with mixed rewards depends on the sampling stream)
+    steps = [r["step"] for r in trained]
+    first = _adapter(fipo_run, steps[0])
+    lora_b = [k for k in first if "lora_B" in k]
+    assert lora_b and any(first[k].abs().sum() > 0 for k in lora_b)
+    if steps[0] > 1:
+        assert all(_adapter(fipo_run, steps[0] - 1)[k].abs().sum() == 0 for k in lora_b)  # nothing moved before it
+    if len(steps) > 1:
+        assert any(not torch.equal(first[k], _adapter(fipo_run, steps[-1])[k]) for k in first)
 
 
 def test_dynamic_sampling_refills(tiny_warm_model_dir, tmp_path):

@@ -7,11 +7,11 @@ table.md in its out_dir:
 
     curves.png       mean over seeds (line) and min..max (band) of the mean response length, the
                      train accuracy, held-out avg@k and the share of step-by-step answers, per variant
-    influence.png    the FIPO variant's influence weights over training: quantiles of f and of the
+    influence_VARIANT.png   the FIPO variant's influence weights over training: quantiles of f and of the
                      unclipped exp(FutureKL), the share of tokens moved off 1 and at the upper clip,
                      f on the first tokens of a response against the rest and by advantage sign, and
                      how often the safety rule and the dual clip engaged
-    influence.md     the same figures summarised over training and seeds
+    influence_VARIANT.md    the same figures summarised over training and seeds
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fipo_lite import metrics as M
 from fipo_lite.ablate import load_ablation, run_dir
 from fipo_lite.objective import INFLUENCE_HEAD
 
-CURVES = [(M.LENGTH["mean"], "mean response length (tokens)"), (M.ACCURACY, "train accuracy (kept groups)"),
+CURVES = [(M.LENGTH["mean"], "mean response length (tokens)"), (M.SAMPLED[M.ACCURACY], "accuracy of all sampled responses"),
           (M.VAL_AVG, "held-out avg@k"), (M.SAMPLED[M.STEPS_FORM_FRAC], "share of step-by-step answers (sampled)")]
 INFLUENCE = [
     ("quantiles of f", ["actor/influence_p50", "actor/influence_p90", "actor/influence_p99", "actor/influence_max"]),
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     lines = [f"# Influence weights of `{a.variant}` in {ab.name}", "",
              f"Per optimizer step the trainer logs statistics of f = clip(exp(FutureKL), lo, hi) over the response tokens "
              f"of each micro-batch, averaged over the step's micro- and mini-batches; below, their mean and maximum over "
-             f"steps, and the mean over seeds ({len(rs)}). Reproduce: `python scripts/ablation_report.py {ab.source}`.", "",
+             f"steps, and the mean over seeds ({len(rs)}). Reproduce: `python scripts/ablation_report.py {ab.source} --variant {a.variant}`.", "",
              "| statistic | mean over training | max over training | mean, first quarter of steps | mean, last quarter |",
              "|---|---|---|---|---|"]
     for ax, (title, keys) in zip(axes, INFLUENCE):
@@ -120,10 +120,10 @@ def main(argv=None) -> int:
         ax.legend(fontsize=8)
     fig.suptitle(f"{ab.name}/{a.variant}: influence weights over training (mean over seeds, band = min..max)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(ab.out_dir / "influence.png", dpi=90)
+    fig.savefig(ab.out_dir / f"influence_{a.variant}.png", dpi=90)
     plt.close(fig)
-    (ab.out_dir / "influence.md").write_text("\n".join(lines) + "\n")
-    print(f"[report] wrote {ab.out_dir / 'curves.png'}, {ab.out_dir / 'influence.png'}, {ab.out_dir / 'influence.md'}", file=sys.stderr)
+    (ab.out_dir / f"influence_{a.variant}.md").write_text("\n".join(lines) + "\n")
+    print(f"[report] wrote {ab.out_dir / 'curves.png'} and {ab.out_dir}/influence_{a.variant}.png, .md", file=sys.stderr)
     return 0
 
 

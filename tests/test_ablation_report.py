@@ -32,8 +32,8 @@ def test_report_averages_seeds_and_summarises_the_influence_weights(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
-    assert (out / "curves.png").stat().st_size > 10_000 and (out / "influence.png").stat().st_size > 10_000
-    table = (out / "influence.md").read_text()
+    assert (out / "curves.png").stat().st_size > 10_000 and (out / "influence_fipo.png").stat().st_size > 10_000
+    table = (out / "influence_fipo.md").read_text()
     # p99 averaged over seeds is 1.01 + 0.01 * s at step s: mean over steps 1.055, largest seed value 1.10, quarters 1.025 and 1.085
     row = next(line for line in table.splitlines() if line.startswith("| influence_p99 "))
     mean, peak, first, last = (float(c) for c in row.strip("|").split("|")[1:])

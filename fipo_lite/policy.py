@@ -32,9 +32,13 @@ class SeqBatch:
         P = max(len(p) for p in prompts)
         R = max(1, max(len(r) for r in responses))
         B = len(prompts)
-        first: dict[tuple, int] = {}
-        index = [first.setdefault(tuple(p), len(first)) for p in prompts]
-        distinct = torch.tensor([index.index(g) for g in range(len(first))], dtype=torch.long)
+        group_of: dict[tuple, int] = {}  # a distinct prompt -> its number; distinct[g]: the first row with prompt g
+        index, distinct = [], []
+        for b, p in enumerate(prompts):
+            if tuple(p) not in group_of:
+                group_of[tuple(p)] = len(distinct)
+                distinct.append(b)
+            index.append(group_of[tuple(p)])
         ids = torch.full((B, P + R), pad_id, dtype=torch.long)
         attn = torch.zeros((B, P + R), dtype=torch.long)
         rmask = torch.zeros((B, R), dtype=torch.float32)
@@ -44,7 +48,7 @@ class SeqBatch:
             if r:
                 ids[b, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
             rmask[b, : len(r)] = 1.0
-        return cls(ids, attn, rmask, P, torch.tensor(index, dtype=torch.long), distinct)
+        return cls(ids, attn, rmask, P, torch.tensor(index, dtype=torch.long), torch.tensor(distinct, dtype=torch.long))
 
     def to(self, device) -> "SeqBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -130,8 +130,7 @@ class HFEngine:
             return
         for layer, plain in self._merged:
             w = layer.base_layer.weight
-            delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A or a in getattr(layer, "lora_embedding_A", {}))
-            plain.weight.copy_(w + delta.to(w.dtype))
+            plain.weight.copy_(w + _lora_delta(layer).to(w.dtype))
 
     def sleep(self) -> None:
         pass
@@ -160,6 +159,13 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def _lora_layers(module) -> list:
     """(name, layer) of every peft LoRA layer inside `module`."""
     return [(n, m) for n, m in module.named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")]
+
+
+def _lora_delta(layer) -> torch.Tensor:
+    """s * B @ A of a LoRA layer, summed over its active adapters (zero when none is active)."""
+    own = {**layer.lora_A, **getattr(layer, "lora_embedding_A", {})}
+    deltas = [layer.get_delta_weight(a) for a in layer.active_adapters if a in own]
+    return sum(deltas) if deltas else torch.zeros_like(layer.base_layer.weight)
 
 
 def _mergeable_on_cpu(model) -> bool:

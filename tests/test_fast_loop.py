@@ -3,6 +3,7 @@ old-log-prob pass: faster, and the same distributions and gradients (scripts/ben
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fipo_lite.engines.base import SamplingParams
@@ -57,6 +58,15 @@ def test_auto_merges_only_cpu_float_lora_models(tiny_model_dir):
     assert HFEngine(model, tok, merge_lora="auto").sampler is not None
     assert HFEngine(model, tok, merge_lora="false").sampler is None
     assert HFEngine(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok, merge_lora="auto").sampler is None  # no adapter
+
+
+def test_merging_into_quantized_weights_is_refused_with_the_way_out(tiny_model_dir):
+    model, tok = _lora(tiny_model_dir)
+    layer = model.get_base_model().model.layers[0].mlp.up_proj.base_layer
+    layer.weight = torch.nn.Parameter(layer.weight.data.to(torch.uint8), requires_grad=False)  # as a 4-bit layer stores it
+    with pytest.raises(ValueError, match="quantized.*merge_lora=auto or false"):
+        HFEngine(model, tok, merge_lora="true")
+    assert HFEngine(model, tok, merge_lora="auto").sampler is None  # auto samples through the live model instead
 
 
 @torch.no_grad()

@@ -37,6 +37,9 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.sampler = None  # the merged copy, when used
         lora = _lora_layers(model.get_base_model()) if hasattr(model, "get_base_model") else []
+        if lora and merge_lora == "true" and not all(p.dtype.is_floating_point for p in model.parameters()):
+            raise ValueError("rollout.merge_lora=true needs float weights to merge the adapter into, but this model is "
+                             "quantized (e.g. model.backend=bnb4 or unsloth): use rollout.merge_lora=auto or false")
         if lora and (merge_lora == "true" or (merge_lora == "auto" and _mergeable_on_cpu(model))):
             self.sampler = copy.deepcopy(model.get_base_model()).eval().requires_grad_(False)
             self._merged = []  # (live LoRA layer, the copy's plain layer that holds W + s * B @ A)

@@ -42,9 +42,24 @@ def _finish(proc, timeout=900):
     return out
 
 
+# Hold the first run right after its step-2 checkpoint, so the kill -9 lands there however fast the
+# steps are (polling alone raced a fast run to its end).
+HOLD_AFTER_STEP_2 = """
+import time
+import fipo_lite.checkpoint as c
+_save = c.save
+def save(root, step, *args, **kwargs):
+    out = _save(root, step, *args, **kwargs)
+    if step == 2:
+        time.sleep(900)
+    return out
+c.save = save
+"""
+
+
 def test_sampler_follows_every_update_and_a_kill_and_resume(vllm_tiny_dir, tmp_path, train_process):
     out = tmp_path / "run"
-    proc = train_process(_args(vllm_tiny_dir, out))
+    proc = train_process(_args(vllm_tiny_dir, out), preamble=HOLD_AFTER_STEP_2)
     deadline = time.time() + 900
     while not (out / "checkpoints" / "step_000002" / "manifest.json").exists():  # let two updates land, then kill -9
         assert proc.poll() is None, proc.communicate()[0][-4000:]

@@ -37,7 +37,7 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.sampler = None  # the merged copy, when used
         lora = _lora_layers(model.get_base_model()) if hasattr(model, "get_base_model") else []
-        if lora and merge_lora == "true" and not all(p.dtype.is_floating_point for p in model.parameters()):
+        if lora and merge_lora == "true" and not _float_weights(model):
             raise ValueError("rollout.merge_lora=true needs float weights to merge the adapter into, but this model is "
                              "quantized (e.g. model.backend=bnb4 or unsloth): use rollout.merge_lora=auto or false")
         if lora and (merge_lora == "true" or (merge_lora == "auto" and _mergeable_on_cpu(model))):
@@ -171,7 +171,11 @@ def _lora_delta(layer) -> torch.Tensor:
     return sum(deltas) if deltas else torch.zeros_like(layer.base_layer.weight)
 
 
+def _float_weights(model) -> bool:
+    """No quantized (integer-stored) weights: the adapter can be merged into every one."""
+    return all(p.dtype.is_floating_point for p in model.parameters())
+
+
 def _mergeable_on_cpu(model) -> bool:
     """CPU weights in a float dtype: a merged copy is cheap there and exact up to rounding."""
-    params = list(model.parameters())
-    return all(p.device.type == "cpu" and p.dtype.is_floating_point for p in params)
+    return _float_weights(model) and all(p.device.type == "cpu" for p in model.parameters())

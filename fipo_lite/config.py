@@ -23,11 +23,12 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from .backends import BACKENDS
 from .backends.hf import DEVICES, DTYPES
 from .engines import ENGINES
-from .engines.hf import MERGE_LORA
+from .engines.hf import LEAN_DECODE, MERGE_LORA
 from .engines.vllm import VLLM_LORA_RANKS, max_model_len
 from .errors import UserError
 from .future_kl import STARTS
 from .objective import LOSS_AGG_MODES, MODES, policy_loss
+from .policy import LEAN_FORWARD
 from .rewards import reward_names
 from .tiny import TinyModelConfig
 
@@ -87,6 +88,7 @@ class RolloutConfig:
     max_new_tokens: int = 64
     generation_batch_size: int = 64  # sequences per HF engine call
     merge_lora: str = "auto"  # HF engine: sample from a LoRA-merged copy (auto: CPU, unquantized); see engines/hf.py
+    lean_decode: str = "auto"  # HF engine: decode steps through lean.py (auto: CPU, plain/merged weights it supports)
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
@@ -165,6 +167,7 @@ class TrainerConfig:
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes)
     logprob_chunk_size: int = 1024  # tokens per log-softmax chunk
     share_prompt_forward: bool = True  # run each group's shared prompt once in the update (policy.py); off with unsloth
+    lean_forward: str = "auto"  # the update's LoRA forward through lean.py (auto: CPU, a model it supports); see policy.py
     eval_every: int = 10  # 0: never; the warm start (step 0) and the last step are evaluated too
     eval_k: int = 8
     eval_temperature: float = 1.0  # paper's evaluation protocol: temperature 1.0, top-p 0.7
@@ -201,9 +204,9 @@ class RunConfig:
 RESUME_SAFE_KEYS = frozenset({
     "output_dir", "trainer.total_steps", "trainer.eval_every", "trainer.save_every", "trainer.keep_checkpoints",
     "trainer.resume", "trainer.progress", "trainer.num_threads", "trainer.allow_config_change",
-    "trainer.logprob_chunk_size", "trainer.share_prompt_forward", "trainer.micro_batch_size", "trainer.max_tokens_per_micro_batch",
+    "trainer.logprob_chunk_size", "trainer.share_prompt_forward", "trainer.lean_forward", "trainer.micro_batch_size", "trainer.max_tokens_per_micro_batch",
     "model.device", "model.cache_dir", "model.gradient_checkpointing", "model.offload_gradients", "model.attn_implementation",
-    "rollout.generation_batch_size", "rollout.merge_lora", "rollout.vllm.gpu_memory_utilization", "rollout.vllm.enable_prefix_caching",
+    "rollout.generation_batch_size", "rollout.merge_lora", "rollout.lean_decode", "rollout.vllm.gpu_memory_utilization", "rollout.vllm.enable_prefix_caching",
     "rollout.vllm.enable_sleep_mode", "rollout.vllm.sleep_level", "rollout.vllm.max_num_seqs", "rollout.vllm.enforce_eager",
     "rollout.vllm.tensor_parallel_size", "reward.num_workers",
 })
@@ -219,6 +222,8 @@ def choices() -> dict[str, tuple]:
         "model.device": DEVICES,
         "rollout.engine": ENGINES,
         "rollout.merge_lora": MERGE_LORA,
+        "rollout.lean_decode": LEAN_DECODE,
+        "trainer.lean_forward": LEAN_FORWARD,
         "rollout.vllm.max_lora_rank": VLLM_LORA_RANKS,
         "reward.name": reward_names(),
         "algorithm.loss_mode": MODES,
@@ -296,6 +301,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def validate(cfg: DictConfig) -> None:
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
+        if value in ("True", "False") and value.lower() in allowed:  # `key=false` / `key: false` arrive as a bool
+            value = value.lower()
+            OmegaConf.update(cfg, key, value)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; valid values: {[a for a in allowed]}")
     t, a, r, v = cfg.trainer, cfg.algorithm, cfg.rollout, cfg.rollout.vllm

@@ -3,6 +3,10 @@
 The LM head runs on `chunk_size` response tokens at a time, under activation checkpointing when
 gradients are on, so the float32 logits of the whole batch ([tokens, vocab]) never exist at once:
 at 20k-token responses and a 152k vocabulary that alone would be 12 GB per sequence.
+
+The hidden states come from transformers + peft, or, with `lean_forward` (trainer.lean_forward; "auto":
+CPU, a LoRA model lean.py supports), from lean.response_states: the same sums with only the real
+tokens run and each group's prompt once (tests/test_lean.py checks log-probs and LoRA gradients).
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from . import lean
+
+LEAN_FORWARD = ("auto", "true", "false")  # trainer.lean_forward
 
 
 @dataclass
@@ -69,11 +77,12 @@ def _token_entropy(lm_head, h: torch.Tensor) -> torch.Tensor:
 class Policy:
     """A causal LM (usually a peft LoRA model) seen as a policy over response tokens."""
 
-    def __init__(self, model, tokenizer, chunk_size: int = 1024, share_prompts: bool = True):
+    def __init__(self, model, tokenizer, chunk_size: int = 1024, share_prompts: bool = True, lean_forward: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.chunk_size = max(1, int(chunk_size))
         self.share_prompts = share_prompts
+        self.lean_forward = lean_forward  # lean.response_states when the adapter is on (see use_lean_forward)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
         self.lm_head = base.get_output_embeddings()
@@ -91,15 +100,18 @@ class Policy:
         P, R = batch.prompt_width, batch.response_mask.shape[1]
         # Positions as the samplers assign them under left padding, so trainer and sampler agree.
         position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        if self._can_share(batch):
-            h = self._shared_prompt_states(batch, position_ids)
-        else:
-            hidden = self.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
-            h = hidden[:, P - 1 : P + R - 1]  # the state that predicts each response token
-        targets = batch.input_ids[:, P : P + R]
         sel = batch.response_mask.bool()
-        h_sel, t_sel = h[sel], targets[sel]
+        if self._can_go_lean():
+            h_sel = lean.response_states(self.model, batch, position_ids)
+        else:
+            if self._can_share(batch):
+                h = self._shared_prompt_states(batch, position_ids)
+            else:
+                hidden = self.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
+                h = hidden[:, P - 1 : P + R - 1]  # the state that predicts each response token
+            h_sel = h[sel]
+        t_sel = batch.input_ids[:, P : P + R][sel]
         grad = torch.is_grad_enabled()
         logp = torch.zeros(sel.shape, dtype=torch.float32, device=self.device)
         ent = torch.zeros(sel.shape, dtype=torch.float32, device=self.device) if with_entropy else None
@@ -118,6 +130,12 @@ class Policy:
             if with_entropy:
                 ent = ent.masked_scatter(sel, torch.cat(ents))
         return logp, ent
+
+    def _can_go_lean(self) -> bool:
+        # not under gradient checkpointing (the lean forward keeps its activations), nor with the adapter
+        # switched off (reference log-probs): the transformers path serves those
+        return (self.lean_forward and not getattr(self.model, "is_gradient_checkpointing", False)
+                and lean.adapters_active(self.model))
 
     def _can_share(self, batch: SeqBatch) -> bool:
         # Activation checkpointing turns the KV cache off inside transformers, so it runs unshared.
@@ -149,3 +167,16 @@ class Policy:
 
     def save_adapter(self, path) -> None:
         self.model.save_pretrained(str(path))
+
+
+def use_lean_forward(setting: str, model, backend: str) -> bool:
+    """trainer.lean_forward: "auto" takes lean.response_states for a LoRA model on CPU that it supports
+    (transformers backend: Unsloth brings its own forward); "true" insists and says why it cannot."""
+    if setting not in LEAN_FORWARD:
+        raise ValueError(f"trainer.lean_forward must be one of {LEAN_FORWARD}, got {setting!r}")
+    if setting == "false":
+        return False
+    why_not = "the unsloth backend (it brings its own forward)" if backend == "unsloth" else lean.train_unsupported(model)
+    if setting == "true" and why_not:
+        raise ValueError(f"trainer.lean_forward=true cannot run on this model ({why_not}): use trainer.lean_forward=auto or false")
+    return not why_not and (setting == "true" or all(p.device.type == "cpu" for p in model.parameters()))

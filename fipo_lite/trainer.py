@@ -26,7 +26,7 @@ from .data import encode_prompts
 from .engines import SamplingParams, build_engine
 from .errors import UserError
 from .objective import DEFAULT_AGG, policy_loss
-from .policy import Policy, SeqBatch
+from .policy import Policy, SeqBatch, use_lean_forward
 from .rollout import sample_and_score
 
 
@@ -222,7 +222,7 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: Di
     a, t = cfg.algorithm, cfg.trainer
     kw = policy_loss_kwargs(cfg)
     kw["max_response_length"] = cfg.rollout.max_new_tokens
-    params = policy.trainable_parameters()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     pad_id = policy.tokenizer.pad_token_id
     mini = t.ppo_mini_batch_size * n
     sums: dict[str, float] = {}
@@ -322,7 +322,10 @@ def make_optimizer(params, cfg):
         from .backends.bnb4 import make_optimizer as bnb_optimizer
 
         return bnb_optimizer(params, cfg)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    params = list(params)
+    # the fused kernel on CPU: one call for all LoRA tensors instead of a loop of small ops (same update)
+    fused = bool(params) and all(p.device.type == "cpu" for p in params)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -346,7 +349,8 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
     set_seed(cfg.seed)
     model, tokenizer = load_model(cfg)
     # Unsloth replaces the model's forward with its own; the shared-prompt pass is checked on transformers' only.
-    policy = Policy(model, tokenizer, t.logprob_chunk_size, share_prompts=t.share_prompt_forward and cfg.model.backend != "unsloth")
+    policy = Policy(model, tokenizer, t.logprob_chunk_size, share_prompts=t.share_prompt_forward and cfg.model.backend != "unsloth",
+                    lean_forward=use_lean_forward(t.lean_forward, model, cfg.model.backend))
     engine = build_engine(cfg, model, tokenizer)
     reward_fn = RewardRunner(cfg.reward, max_response_length=r.max_new_tokens)
     synthetic = cfg.data.train.startswith("synthetic:")

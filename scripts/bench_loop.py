@@ -9,9 +9,11 @@ Same random tiny Qwen2 (0.8M parameters, built here), same 8 addition prompts, 8
 Each side runs `--rounds` times, alternating, `--steps` steps per round; the first `--warmup` steps
 of each round are not timed. It prints seconds per step (median over the timed steps), the ratio
 fipo_lite / TRL, and where fipo_lite's step goes (sampling, scoring, old log-probs, update).
+`--variant "OVERRIDES"` times a second fipo_lite configuration in the same rounds (e.g. the lean
+paths off: "rollout.lean_decode=false trainer.lean_forward=false").
 Timings are only comparable within one run on an otherwise idle machine.
 
-    python scripts/bench_loop.py [--steps 12] [--rounds 2] [--threads 2] [--out results/bench_loop.json]
+    python scripts/bench_loop.py [--steps 12] [--rounds 2] [--threads 2] [--variant "..."] [--out results/bench_loop.json]
 
 Needs the dev extra (TRL 0.24 and transformers 4.57: `pip install -e ".[dev]"`).
 """
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per side")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument("--variant", help="space-separated fipo_lite overrides of a second configuration timed in the same rounds")
     p.add_argument("fipo_overrides", nargs="*", help="extra fipo_lite overrides, e.g. rollout.merge_lora=false")
     a = p.parse_args(argv)
 
@@ -109,11 +112,15 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_loop_"))
     model_dir = str(save_random_tiny(tmp / "model", seed=0))
     fipo_steps: list[dict] = []
+    variant_steps: list[dict] = []
     trl_times: list[float] = []
     trl_lengths: list[float] = []
     for r in range(a.rounds):
         rows = run_fipo_lite(model_dir, str(tmp / f"fipo_{r}"), a.steps, a.threads, a.fipo_overrides)
         fipo_steps += rows[a.warmup:]
+        if a.variant:
+            variant_steps += run_fipo_lite(model_dir, str(tmp / f"variant_{r}"), a.steps, a.threads,
+                                           [*a.fipo_overrides, *a.variant.split()])[a.warmup:]
         times, lengths = run_trl(model_dir, str(tmp / f"trl_{r}"), a.steps, a.threads)
         trl_times += times[a.warmup:]
         trl_lengths += lengths[a.warmup:]
@@ -135,10 +142,19 @@ def main(argv=None) -> int:
                                   "old_logprobs": med["time/old_logp_s"], "update": med["time/update_s"], "other": other},
         "mean_response_tokens": {"fipo_lite": fipo_len, "trl": statistics.mean(trl_lengths) if trl_lengths else None},
     }
+    if variant_steps:
+        v = statistics.median(x["time/step_s"] for x in variant_steps)
+        result["variant"] = {"overrides": a.variant, "s_per_step": v, "ratio": v / trl_s,
+                             "sampling_s": statistics.median(x["time/sample_s"] for x in variant_steps),
+                             "update_s": statistics.median(x["time/update_s"] for x in variant_steps)}
     print(f"\nfipo_lite {fipo_s:.3f} s/step   TRL GRPOTrainer {trl_s:.3f} s/step   ratio {fipo_s / trl_s:.2f}"
           f"   (median of {len(trl_times)} timed steps each; {PROMPTS} prompts x {SAMPLES} samples x <= {NEW_TOKENS} tokens)")
     print(f"mean response tokens: fipo_lite {fipo_len:.1f}, TRL {result['mean_response_tokens']['trl'] or float('nan'):.1f}")
     print("fipo_lite step: " + ", ".join(f"{k} {v:.3f} s ({100 * v / fipo_s:.0f}%)" for k, v in result["fipo_lite_breakdown_s"].items()))
+    if variant_steps:
+        v = result["variant"]
+        print(f"variant ({a.variant}): {v['s_per_step']:.3f} s/step, ratio {v['ratio']:.2f} (sampling {v['sampling_s']:.3f} s, "
+              f"update {v['update_s']:.3f} s)")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

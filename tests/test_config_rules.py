@@ -70,3 +70,15 @@ def test_encode_prompt_takes_a_list_or_a_batch_encoding():
 
     msgs = [{"role": "user", "content": "1+2"}]
     assert encode_prompt(Tok(True), msgs) == encode_prompt(Tok(False), msgs) == [49, 43, 50]
+
+
+def test_true_false_settings_accept_yaml_and_command_line_booleans(tmp_path):
+    """`rollout.merge_lora=false` (and `merge_lora: false` in YAML) arrive as booleans: they mean "false"."""
+    cfg = load_config(None, ["rollout.merge_lora=false", "rollout.lean_decode=true", "trainer.lean_forward=false"])
+    assert (cfg.rollout.merge_lora, cfg.rollout.lean_decode, cfg.trainer.lean_forward) == ("false", "true", "false")
+    path = tmp_path / "run.yaml"
+    path.write_text("rollout:\n  merge_lora: false\ntrainer:\n  lean_forward: true\n")
+    cfg = load_config(path)
+    assert (cfg.rollout.merge_lora, cfg.trainer.lean_forward) == ("false", "true")
+    with pytest.raises(ConfigError, match=r"'trainer.lean_forward' is 'sometimes'; valid values: \['auto', 'true', 'false'\]"):
+        load_config(None, ["trainer.lean_forward=sometimes"])

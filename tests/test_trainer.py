@@ -48,7 +48,7 @@ def _adapter(out: Path, step: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def fipo_run(tiny_warm_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fipo_run")
-    train(_cfg(tiny_warm_model_dir, out))
+    train(_cfg(tiny_warm_model_dir, out, **{"trainer.keep_checkpoints": 3}))  # every step's adapter stays readable
     return out
 
 

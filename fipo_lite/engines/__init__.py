@@ -14,7 +14,7 @@ def build_engine(cfg, model, tokenizer) -> RolloutEngine:
     if cfg.rollout.engine == "hf":
         from .hf import HFEngine
 
-        return HFEngine(model, tokenizer, cfg.rollout.generation_batch_size, cfg.rollout.merge_lora)
+        return HFEngine(model, tokenizer, cfg.rollout.generation_batch_size, cfg.rollout.merge_lora, cfg.rollout.lean_decode)
     if cfg.rollout.engine == "vllm":
         from .vllm import VLLMEngine
 

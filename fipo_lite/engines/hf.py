@@ -2,17 +2,20 @@
 stop at EOS. Runs wherever the model runs (CPU and GPU).
 
 It is a lean decode loop over the model's own forward with its KV cache, not `generate`: on a small
-model `generate`'s per-token bookkeeping costs more than the model, and a row that has stopped is
-dropped from the batch (with its cache) instead of decoding padding until the longest row ends,
-which matters when short and long answers share a batch. What is sampled is exactly what the run's
-settings say and nothing a checkpoint's generation_config.json holds: logits / temperature, then
-top-k, then top-p (transformers' warper order and semantics), renormalised. The sampler log-probs
-are those of that distribution, as vLLM's `processed_logprobs`.
+model `generate`'s per-token bookkeeping costs more than the model. The n samples of a prompt share
+one prefill, and rows that have stopped leave the batch (with their cache) once they are an eighth of
+it, instead of decoding padding until the longest row ends (short and long answers share batches).
+What is sampled is exactly what the run's settings say and nothing a checkpoint's
+generation_config.json holds: logits / temperature, then top-k, then top-p (transformers' warper
+order and semantics), renormalised, drawn by inverting the CDF with one uniform number per row. The
+sampler log-probs are those of that distribution, as vLLM's `processed_logprobs`.
 
 With `merge_lora` the engine samples from its own copy of the model with the LoRA update merged
 into the weights (W + s * B @ A, rebuilt from the live adapter at every `sync`): the same
 distribution up to float rounding, without peft's per-layer detour at every decoded token. The
 copy costs one more set of weights, so "auto" uses it only on CPU with unquantized weights.
+With `lean_decode` the prefill and the decode steps of such plain weights run through lean.py
+(Qwen2/Qwen3/Llama arithmetic without transformers' per-call overhead; "auto": on CPU).
 """
 
 from __future__ import annotations
@@ -22,14 +25,19 @@ import copy
 import torch
 
 from .base import Rollout, SamplingParams
+from ..lean import LeanDecoder, decode_unsupported
 
 MERGE_LORA = ("auto", "true", "false")  # rollout.merge_lora
+LEAN_DECODE = ("auto", "true", "false")  # rollout.lean_decode
+COMPACT_AT = 8  # drop finished rows from the batch once they are 1/COMPACT_AT of it
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, generation_batch_size: int = 64, merge_lora: str = "false"):
+    def __init__(self, model, tokenizer, generation_batch_size: int = 64, merge_lora: str = "false", lean_decode: str = "auto"):
         if merge_lora not in MERGE_LORA:
             raise ValueError(f"merge_lora must be one of {MERGE_LORA}, got {merge_lora!r}")
+        if lean_decode not in LEAN_DECODE:
+            raise ValueError(f"lean_decode must be one of {LEAN_DECODE}, got {lean_decode!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, int(generation_batch_size))
@@ -50,6 +58,14 @@ class HFEngine:
                 setattr(parent, child, plain)
                 self._merged.append((layer, plain))
             self.sync(None)
+        # the lean decode step (lean.py) over the model that samples: the merged copy, or a plain model
+        target = self.sampler if self.sampler is not None else model
+        why_not = decode_unsupported(target)
+        if lean_decode == "true" and why_not:
+            raise ValueError(f"rollout.lean_decode=true cannot run on this sampling model ({why_not}): use rollout.lean_decode=auto "
+                             "or false" + (" (with a LoRA adapter it also needs rollout.merge_lora)" if lora and self.sampler is None else ""))
+        use = lean_decode == "true" or (lean_decode == "auto" and not why_not and _mergeable_on_cpu(target))
+        self.lean = LeanDecoder(target) if use else None
 
     def _eos_ids(self) -> list[int]:
         ids = set()
@@ -91,39 +107,63 @@ class HFEngine:
     def _decode(self, model, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], list[list[float]]]:
         """Sample up to max_new_tokens per prompt; each row stops after its first EOS."""
         B, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, width), dtype=torch.long)
-        for r, p in enumerate(prompts):
+        distinct: dict[tuple, int] = {}  # the n rows of a prompt share one prefill
+        index = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=self.device)
+        firsts = [list(p) for p in distinct]
+        ids = torch.full((len(firsts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(firsts), width), dtype=torch.long)
+        for r, p in enumerate(firsts):
             ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[r, width - len(p) :] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         position = (attn.cumsum(-1) - 1).clamp(min=0)  # as the trainer's Policy.logprobs, under left padding
+        lean, cache = self.lean, None
+        if lean is not None:
+            logits = lean.prefill(ids, attn, position, params.max_new_tokens)[index]
+            lean.select(index)
+        else:
+            out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            cache.batch_select_indices(index)
+            logits = out.logits[index, -1]
+        attn, next_pos = attn[index], position[index, -1] + 1
         eos = torch.tensor(self.eos_ids, device=self.device)
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        logps: list[list[float]] = [[] for _ in range(B)]
-        live = torch.arange(B, device=self.device)  # the original row of each row still decoding
-        out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True, logits_to_keep=1)
-        cache, next_pos = out.past_key_values, position[:, -1] + 1
+        tokens = torch.zeros((B, params.max_new_tokens), dtype=torch.long)
+        logps = torch.zeros((B, params.max_new_tokens))
+        lengths = torch.full((B,), params.max_new_tokens)
+        rows = torch.arange(B)  # the original row of each row of the batch
+        alive = torch.ones(B, dtype=torch.bool, device=self.device)  # has not emitted EOS yet
         for t in range(params.max_new_tokens):
-            scores = process_logits(out.logits[:, -1].float(), params)
-            tok = torch.multinomial(scores.softmax(-1), 1)  # [live, 1]
-            lp = scores.log_softmax(-1).gather(-1, tok).squeeze(-1) if params.logprobs else None
-            for r, v in zip(live.tolist(), tok.squeeze(-1).tolist()):
-                tokens[r].append(v)
-            if lp is not None:
-                for r, v in zip(live.tolist(), lp.tolist()):
-                    logps[r].append(v)
-            going = ~torch.isin(tok.squeeze(-1), eos)
-            if t == params.max_new_tokens - 1 or not bool(going.any()):
+            scores = process_logits(logits if logits.dtype == torch.float32 else logits.float(), params)
+            tok = sample_tokens(scores)
+            tokens[rows, t] = tok.cpu()  # a finished row's later tokens are cut off by its length
+            if params.logprobs:
+                logps[rows, t] = scores.log_softmax(-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1).cpu()
+            ended = alive & torch.isin(tok, eos)
+            if t == params.max_new_tokens - 1:
                 break
-            if not bool(going.all()):  # drop the rows that stopped, cache included
-                keep = going.nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                live, tok, attn, next_pos = live[keep], tok[keep], attn[keep], next_pos[keep]
-            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
-            out = model(input_ids=tok, attention_mask=attn, position_ids=next_pos.unsqueeze(-1), past_key_values=cache, use_cache=True)
+            if bool(ended.any()):
+                lengths[rows[ended.cpu()]] = t + 1
+                alive &= ~ended
+                finished = len(alive) - int(alive.sum())
+                if finished == len(alive):
+                    break
+                # Drop finished rows (and their cache) once they are an eighth of the batch: a copy of the
+                # whole cache costs about as much as decoding a few finished rows for a few steps.
+                if finished * COMPACT_AT >= len(alive):
+                    keep = alive.nonzero().squeeze(-1)
+                    lean.select(keep) if lean is not None else cache.batch_select_indices(keep)
+                    rows, alive, tok, attn, next_pos = rows[keep.cpu()], alive[keep], tok[keep], attn[keep], next_pos[keep]
+            if lean is not None:
+                logits = lean.step(tok, next_pos)
+            else:
+                attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+                logits = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos.unsqueeze(-1),
+                               past_key_values=cache, use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
-        return tokens, logps
+        lengths = lengths.tolist()
+        return ([row[:n] for row, n in zip(tokens.tolist(), lengths)],
+                [row[:n] for row, n in zip(logps.tolist(), lengths)] if params.logprobs else [[] for _ in range(B)])
 
     @torch.no_grad()
     def sync(self, policy) -> None:
@@ -142,10 +182,18 @@ class HFEngine:
         pass
 
 
+def sample_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(scores) [B, V], by inverting the CDF with one uniform number per
+    row: the distribution of torch.multinomial, which draws V exponential numbers per row instead."""
+    cdf = scores.softmax(-1).cumsum(-1)
+    cdf = cdf / cdf[:, -1:]  # ends at exactly 1 > u, so the pick is a token of positive probability
+    return torch.searchsorted(cdf, torch.rand((scores.shape[0], 1), device=scores.device), right=True).squeeze(-1)
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits / temperature, then top-k, then top-p (the smallest set whose probability reaches
     top_p, at least one token), as transformers' sampling warpers; removed tokens get -inf."""
-    scores = logits / params.temperature
+    scores = logits / params.temperature if params.temperature != 1.0 else logits
     if params.top_k > 0 and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, -float("inf"))

@@ -292,6 +292,34 @@ def _lora_linear(x: torch.Tensor, linears, residual: torch.Tensor | None = None)
     return _MergedLoRA.apply(x, weight, _cat_bias(bases), residual, tuple(rows), *lora)
 
 
+class _Take(torch.autograd.Function):
+    """x[index] at distinct positions. autograd's own gradient of an index is an accumulating scatter
+    (it must allow repeats), several times slower on CPU than the plain one used here."""
+
+    @staticmethod
+    def forward(ctx, x, *index):
+        ctx.save_for_backward(*index)
+        ctx.shape = x.shape
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_zeros(ctx.shape).index_put_(ctx.saved_tensors, grad), *(None for _ in ctx.saved_tensors)
+
+
+class _Place(torch.autograd.Function):
+    """A zero tensor of `shape` with `rows` put at distinct positions `index` (the inverse of _Take)."""
+
+    @staticmethod
+    def forward(ctx, rows, shape, *index):
+        ctx.save_for_backward(*index)
+        return rows.new_zeros(shape).index_put_(index, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.saved_tensors], None, *(None for _ in ctx.saved_tensors)
+
+
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float) -> torch.Tensor:
     """Grouped-query attention: q [X, heads, L, d] over keys/values [X, kv_heads, S, d] with an additive
     bias [X * kv_heads, group * L, S]; returns [X, heads, L, d]."""
@@ -347,15 +375,15 @@ def _packed_forward(model, prompt_ids, prompt_mask, prompt_pos, responses=None):
         q, k, v, o, gate, up, down = _projections(layer)
         qkv = _lora_linear(_norm(layer.input_layernorm, h), (q, k, v))
         heads_all = torch.cat([_rotate(_qk(attn, qkv, heads, kvh, d), cos, sin), qkv[:, (heads + kvh) * d :].view(-1, kvh, d)], 1)
-        padded = heads_all.new_zeros((G, P, heads + 2 * kvh, d)).index_put((pg, pt), heads_all[:n_prompt]).transpose(1, 2)
+        padded = _Place.apply(heads_all[:n_prompt], (G, P, heads + 2 * kvh, d), pg, pt).transpose(1, 2)
         pk, pv = padded[:, heads : heads + kvh], padded[:, heads + kvh :]
         prompt_kv.append((pk, pv))
-        outs = [_attend(padded[:, :heads], pk, pv, prompt_bias, attn.scaling).transpose(1, 2)[pg, pt]]
+        outs = [_Take.apply(_attend(padded[:, :heads], pk, pv, prompt_bias, attn.scaling).transpose(1, 2), pg, pt)]
         if responses is not None:
-            rpad = heads_all.new_zeros((B, R, heads + 2 * kvh, d)).index_put((rb, rt), heads_all[n_prompt:]).transpose(1, 2)
+            rpad = _Place.apply(heads_all[n_prompt:], (B, R, heads + 2 * kvh, d), rb, rt).transpose(1, 2)
             keys = torch.cat([pk[index], rpad[:, heads : heads + kvh]], 2)
             values = torch.cat([pv[index], rpad[:, heads + kvh :]], 2)
-            outs.append(_attend(rpad[:, :heads], keys, values, response_bias, attn.scaling).transpose(1, 2)[rb, rt])
+            outs.append(_Take.apply(_attend(rpad[:, :heads], keys, values, response_bias, attn.scaling).transpose(1, 2), rb, rt))
         h = _lora_linear(torch.cat(outs).reshape(-1, heads * d), (o,), residual=h)
         g, u = _lora_linear(_norm(layer.post_attention_layernorm, h), (gate, up)).chunk(2, dim=-1)
         h = _lora_linear(_act(mlp, g) * u, (down,), residual=h)
@@ -384,4 +412,4 @@ def response_states(model, batch, position_ids: torch.Tensor) -> torch.Tensor:
     slot[:, 0] = torch.arange(B, device=sel.device)
     rb, rt = run.nonzero(as_tuple=True)
     slot[rb, rt + 1] = B + torch.arange(len(rb), device=sel.device)
-    return torch.cat([last, hr])[slot[sel]]
+    return _Take.apply(torch.cat([last, hr]), slot[sel])

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 ARCHITECTURES = ("qwen2", "qwen3", "llama")
+CACHE_START = 256  # decode-cache columns allocated after the prompt; doubled when full (long limits, short answers)
 
 
 def _body(model):
@@ -172,10 +173,12 @@ class LeanDecoder:
 
     @torch.no_grad()
     def prefill(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Run left-padded prompts [B, P], keep their keys/values in a cache allocated for max_new_tokens
-        more positions, and return the logits [B, vocab] of each prompt's next token."""
+        """Run left-padded prompts [B, P], keep their keys/values in a cache with room for more positions
+        (it doubles when full, up to max_new_tokens more), and return the logits [B, vocab] of each
+        prompt's next token."""
         B, P = attention_mask.shape
-        width = P + max_new_tokens
+        self.max_width = P + max_new_tokens
+        width = P + min(max_new_tokens, CACHE_START)
         hp, _, prompt_kv = _packed_forward(self.model, prompt_ids, attention_mask, positions)
         self.fused = self._fused_weights()
         self.T = P  # the next cache column to write
@@ -193,10 +196,24 @@ class LeanDecoder:
         # cos/sin of every position this decode can reach, unless the rope type rescales with the length
         self.rope_table = None
         if getattr(self.body.rotary_emb, "rope_type", "default") not in ("dynamic", "longrope"):
-            positions = torch.arange(width, device=attention_mask.device)[None]
+            positions = torch.arange(self.max_width, device=attention_mask.device)[None]
             cos, sin = self.body.rotary_emb(self.k[0], positions)
             self.rope_table = cos[0], _signed_sin(sin[0])
         return self.lm_head(hp[attention_mask.sum(-1).cumsum(0) - 1])
+
+    def _grow(self) -> None:
+        """Twice the cache columns (at most max_width), the filled ones copied."""
+        T, width = self.T, min(self.max_width, 2 * self.bias.shape[-1])
+        for buffers, column_dim in ((self.k, -1), (self.v, -2)):
+            for i, old in enumerate(buffers):
+                shape = list(old.shape)
+                shape[column_dim] = width
+                new = old.new_empty(shape)
+                new.narrow(column_dim, 0, T).copy_(old.narrow(column_dim, 0, T))
+                buffers[i] = new
+        bias = self.bias.new_zeros((*self.bias.shape[:-1], width))
+        bias[..., :T] = self.bias[..., :T]
+        self.bias = bias
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only these rows of the batch (the ones still decoding)."""
@@ -208,6 +225,8 @@ class LeanDecoder:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] of the token after `tokens` [B] at `positions` [B], whose keys and values
         are written to the cache."""
+        if self.T == self.bias.shape[-1]:
+            self._grow()
         B, T, d, heads, kvh = tokens.shape[0], self.T, self.head_dim, self.heads, self.kv_heads
         h = self.body.embed_tokens(tokens)  # [B, hidden]
         if self.rope_table is not None:

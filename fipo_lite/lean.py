@@ -76,6 +76,8 @@ def train_unsupported(model) -> str | None:
                 continue
             if type(getattr(p, "base_layer", None)) is not torch.nn.Linear or not hasattr(p, "lora_A"):
                 return f"a projection of type {type(p).__name__} (quantized, or not a LoRA Linear)"
+            if any(t is not None and t.requires_grad for t in (p.base_layer.weight, p.base_layer.bias)):
+                return "a trainable base weight or bias (e.g. LoRA bias='all')"
             if len(p.active_adapters) != 1 or p.active_adapters[0] not in p.lora_A:
                 return "not exactly one active LoRA adapter"
             name = p.active_adapters[0]

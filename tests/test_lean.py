@@ -153,6 +153,7 @@ def test_what_the_lean_paths_do_not_compute_is_named():
 
     assert "dropout" in lean.train_unsupported(_lora(_model("qwen2"), lora_dropout=0.1))
     assert "DoRA" in lean.train_unsupported(_lora(_model("qwen2"), use_dora=True))
+    assert "trainable base" in lean.train_unsupported(_lora(_model("qwen2"), bias="all"))
     assert "no peft" in lean.train_unsupported(_model("qwen2"))
     assert "peft" in lean.decode_unsupported(_lora(_model("qwen2")))
     assert "sliding" in lean.decode_unsupported(_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0))

@@ -5,7 +5,8 @@ On a small model both are mostly per-call overhead rather than arithmetic: trans
 position embeddings and cache bookkeeping around every layer, re-concatenates its growing KV cache at
 every token, and runs padding positions through every layer; peft adds two full-size elementwise
 passes (scale, add) per adapted layer. Here the q/k/v and gate/up projections are each one matmul,
-the residual adds and LoRA's scaled B-product are folded into the matmuls (addmm), the decode step
+the residual adds are done by the matmuls (addmm), LoRA is merged into the frozen weight for the
+training matmuls (its gradients taken in factored form), the decode step
 writes into a KV cache allocated once, and the prefill and the training forward run only real tokens
 (packed, each distinct prompt once) through the position-wise layers, unpacking them just for attention.
 
@@ -125,12 +126,8 @@ def _act(mlp, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x) if mlp.config.hidden_act == "silu" else mlp.act_fn(x)
 
 
-def _linear_add(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """h + x @ weight.T (+ bias), the residual add done by the matmul itself."""
-    return _add_linear(h, x, weight.t(), bias)
-
-
 def _add_linear(h: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """h + x @ weight_t (+ bias), the residual add done by the matmul itself."""
     out = torch.addmm(h, x, weight_t)
     return out if bias is None else out + bias
 
@@ -292,6 +289,8 @@ class _MergedLoRA(torch.autograd.Function):
 
 
 def _merge(weight: torch.Tensor, rows, lora) -> torch.Tensor:
+    if not rows:  # no adapter on these projections (the sampler's merged copy, or partial LoRA targets)
+        return weight
     merged = weight.clone()
     for (start, n), a, b in zip(rows, lora[0::2], lora[1::2]):
         merged[start : start + n].addmm_(b, a)

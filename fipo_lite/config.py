@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +31,7 @@ from .future_kl import STARTS
 from .objective import LOSS_AGG_MODES, MODES, policy_loss
 from .policy import LEAN_FORWARD
 from .rewards import reward_names
+from .tasks import FORM_TASKS
 from .tiny import TinyModelConfig
 
 # policy_loss's keyword defaults are the algorithm section's defaults (one home for each number).
@@ -41,14 +43,15 @@ OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 
 @dataclass
 class ModelConfig:
-    path: str = "tiny"  # "tiny" (built here, cached), a local HF directory, or a hub name
+    path: str = "tiny"  # "tiny" (built here, cached), a local HF directory, a hub name, a .gguf file (converted once,
+    # cached) or a packaged GGUF model of fipo_lite.gguf_models.PACKAGED ("smollm2-135m-instruct")
     backend: str = "hf"  # hf | bnb4 | unsloth
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: Optional[str] = None
-    cache_dir: str = ".cache/fipo_lite"  # where the tiny model is built
+    cache_dir: str = ".cache/fipo_lite"  # where the tiny model is built and GGUF models are converted
     max_seq_length: int = 4096  # unsloth
     offload_gradients: bool = True  # unsloth's "unsloth" gradient checkpointing (activation offload)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -220,6 +223,7 @@ def choices() -> dict[str, tuple]:
         "model.backend": BACKENDS,
         "model.dtype": tuple(DTYPES),
         "model.device": DEVICES,
+        "model.tiny.task": FORM_TASKS,
         "rollout.engine": ENGINES,
         "rollout.merge_lora": MERGE_LORA,
         "rollout.lean_decode": LEAN_DECODE,
@@ -295,7 +299,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if overrides:
         cfg = _merge(cfg, parse_overrides(list(overrides)), "command line")
     validate(cfg)
+    derive_defaults(cfg)
     return cfg
+
+
+# algorithm.tis_cap when the sampler's weights are not the trainer's (vLLM quantizing on its own)
+SAMPLER_MISMATCH_TIS_CAP = 2.0
+
+
+def derive_defaults(cfg: DictConfig) -> None:
+    """Defaults that depend on other keys, said out loud. With rollout.vllm.quantization set (and not
+    Unsloth, which shares its weights with vLLM), vLLM quantizes the base itself and samples from a
+    different policy than the trainer's: every update is off-policy by that gap, so truncated importance
+    sampling is turned on unless the config sets algorithm.tis_cap."""
+    r = cfg.rollout
+    if r.engine == "vllm" and r.vllm.quantization and cfg.model.backend != "unsloth" and cfg.algorithm.tis_cap is None:
+        cfg.algorithm.tis_cap = SAMPLER_MISMATCH_TIS_CAP
+        warnings.warn(f"rollout.vllm.quantization={r.vllm.quantization}: vLLM samples from its own quantization of the base, "
+                      f"not the trainer's weights, so sampler and trainer log-probs differ; algorithm.tis_cap set to "
+                      f"{SAMPLER_MISMATCH_TIS_CAP} (truncated importance sampling). Set algorithm.tis_cap to choose another cap, "
+                      "or leave rollout.vllm.quantization unset (a 4-bit trainer's base then reaches vLLM dequantized).", stacklevel=2)
 
 
 def validate(cfg: DictConfig) -> None:

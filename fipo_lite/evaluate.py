@@ -115,8 +115,12 @@ def resolve_model(model_path: str) -> tuple[str, Path | None]:
             from peft import PeftConfig
 
             return PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path, adapter
-    from .backends.hf import check_model_path
+    from .backends.hf import check_model_path, resolve_model_path
+    from .config import ModelConfig
+    from .gguf_models import gguf_file_of
 
+    if gguf_file_of(model_path) is not None:  # a .gguf file or packaged model: its cached conversion
+        return resolve_model_path(ModelConfig(path=model_path)), None
     check_model_path(model_path, "--model")
     return model_path, None
 

@@ -18,6 +18,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from .errors import UserError
 
 GIB = 1024**3
 
@@ -106,11 +107,17 @@ def arch_from(model_path: str, tiny=None) -> Arch:
         c = json.loads((p / "config.json").read_text())
         return Arch(**{k: c[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")},
                     tie_word_embeddings=bool(c.get("tie_word_embeddings", False)))
+    from .gguf_models import architecture, gguf_file_of
+
+    gguf = gguf_file_of(model_path)
+    if gguf is not None:  # a .gguf file or a packaged model: its metadata has the shape
+        return Arch(**architecture(gguf))
     if model_path == "tiny" and tiny is not None:
         return Arch(tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads, tiny.intermediate_size, vocab_size=128, tie_word_embeddings=True)
     key = p.name.lower().removesuffix("-instruct").removesuffix("-bnb-4bit").removesuffix("-unsloth")
     if key not in QWEN25:
-        raise ValueError(f"model.path {model_path!r}: no local config.json and not a known Qwen2.5 size {sorted(QWEN25)}")
+        raise UserError(f"model.path {model_path!r}: no local config.json, not a GGUF model and not a known Qwen2.5 size "
+                        f"{sorted(QWEN25)}; the planner needs the model's shape")
     return Arch(**QWEN25[key])
 
 

@@ -11,6 +11,7 @@ tokens run and each group's prompt once (tests/test_lean.py checks log-probs and
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -64,21 +65,31 @@ class SeqBatch:
                         move(self.prompt_index), move(self.distinct_rows))
 
 
-def _token_logp(lm_head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(h).float()
+def _token_logp(lm_head, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logits = lm_head(h).float() / temperature
     return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def _token_entropy(lm_head, h: torch.Tensor) -> torch.Tensor:
-    logp = lm_head(h).float().log_softmax(-1)
+def _token_entropy(lm_head, h: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logp = (lm_head(h).float() / temperature).log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
 
 
 class Policy:
-    """A causal LM (usually a peft LoRA model) seen as a policy over response tokens."""
+    """A causal LM (usually a peft LoRA model) seen as a policy over response tokens.
 
-    def __init__(self, model, tokenizer, chunk_size: int = 1024, share_prompts: bool = True, lean_forward: bool = False):
+    `temperature` is the rollout's: log-probs and entropy are those of softmax(logits / T), the
+    distribution the responses were sampled from (as verl's actor), so the ratio, the Future-KL and
+    the sampler/trainer gap all speak of the policy that produced the tokens. (Top-k/top-p are not
+    applied here, as in verl: with them the sampler's renormalised log-probs differ on purpose.)
+    """
+
+    def __init__(self, model, tokenizer, chunk_size: int = 1024, share_prompts: bool = True, lean_forward: bool = False,
+                 temperature: float = 1.0):
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
         self.model = model
+        self.temperature = float(temperature)
         self.tokenizer = tokenizer
         self.chunk_size = max(1, int(chunk_size))
         self.share_prompts = share_prompts
@@ -95,7 +106,7 @@ class Policy:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def logprobs(self, batch: SeqBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log pi(y_t | x, y_<t) for every response column, [B, R] (0 on padding), and entropy."""
+        """log pi(y_t | x, y_<t) at the policy's temperature for every response column, [B, R] (0 on padding), and entropy."""
         batch = batch.to(self.device)
         P, R = batch.prompt_width, batch.response_mask.shape[1]
         # Positions as the samplers assign them under left padding, so trainer and sampler agree.
@@ -119,12 +130,12 @@ class Policy:
         for s in range(0, h_sel.shape[0], self.chunk_size):
             hc, tc = h_sel[s : s + self.chunk_size], t_sel[s : s + self.chunk_size]
             if grad:
-                parts.append(checkpoint(_token_logp, self.lm_head, hc, tc, use_reentrant=False))
+                parts.append(checkpoint(_token_logp, self.lm_head, hc, tc, self.temperature, use_reentrant=False))
             else:
-                parts.append(_token_logp(self.lm_head, hc, tc))
+                parts.append(_token_logp(self.lm_head, hc, tc, self.temperature))
             if with_entropy:
                 with torch.no_grad():
-                    ents.append(_token_entropy(self.lm_head, hc.detach()))
+                    ents.append(_token_entropy(self.lm_head, hc.detach(), self.temperature))
         if parts:
             logp = logp.masked_scatter(sel, torch.cat(parts))
             if with_entropy:

@@ -7,6 +7,9 @@ Every answer form ends with "answer N", so one reward (last integer == ground tr
         prompt "47+85"
         direct: "answer 132"
         steps:  "7+5=12\\n4+8+1=13\\nanswer 132"          column by column with carries
+    mul2x1 (a pretrained instruct model, e.g. SmolLM2-135M-Instruct; no forms):
+        prompt "What is 47 * 6?"                         natural language; the model answers in its own words
+                                                         and the last integer of the response is scored
     modsum20 (long responses; 8 vs 168 tokens):
         prompt "A3 B7 C2 ... T4"                         20 labelled digits
         direct: "answer 9"                               the sum mod 10 at a glance: ~1 in 10 right
@@ -108,6 +111,34 @@ class ModSum:
         return lines
 
 
+@dataclass(frozen=True)
+class WordMultiplication:
+    """A two-digit by one-digit product asked in words, for pretrained instruct models (not the tiny
+    model: it has no answer forms to warm-start). SmolLM2-135M-Instruct gets ~5-10% avg@4 at first
+    (results/smollm2_cpu): hard enough to learn, easy enough that some samples of most groups pay.
+    The whole space (90 x 8 problems), split ~1 in 8 for val."""
+
+    step_line = None  # no digit-by-digit form to count
+
+    def problems(self, split: str) -> list[tuple[int, int]]:
+        return [(a, b) for a in range(10, 100) for b in range(2, 10) if _split_of((a * 7919 + b * 104729) % 8) == split]
+
+    def prompt(self, p: tuple[int, int]) -> str:
+        return f"What is {p[0]} * {p[1]}?"
+
+    def answer(self, p: tuple[int, int]) -> int:
+        return p[0] * p[1]
+
+    def extra(self, p: tuple[int, int]) -> dict:
+        return {"a": p[0], "b": p[1]}
+
+    def problem_of(self, extra: dict) -> tuple[int, int]:
+        return extra["a"], extra["b"]
+
+    def steps(self, p: tuple[int, int]) -> list[str]:
+        raise UserError("task mul2x1 has no step-by-step form: it is for pretrained models, not model.path=tiny")
+
+
 def hash_digits(p: tuple[int, ...]) -> int:
     """A deterministic integer hash of a digit tuple (Python's hash() of str is salted per process)."""
     h = 0
@@ -116,7 +147,9 @@ def hash_digits(p: tuple[int, ...]) -> int:
     return h
 
 
-TASKS = {"addition": Addition(2), "addition3": Addition(3), "modsum20": ModSum(20)}
+TASKS = {"addition": Addition(2), "addition3": Addition(3), "modsum20": ModSum(20), "mul2x1": WordMultiplication()}
+# Tasks whose answers have a direct and a step-by-step form: the tiny model warm-starts on these.
+FORM_TASKS = tuple(name for name, t in TASKS.items() if t.step_line is not None)
 
 
 def _split_of(bucket: int) -> str:
@@ -145,12 +178,15 @@ def format_response(task, problem, form: str) -> str:
 def classify_form(response: str, task=None) -> str:
     """'direct', 'steps' (at least one work line before the answer) or 'other'. Work lines are
     checked against `task`'s line format; without a task, any task's format counts."""
+    if task is not None and task.step_line is None:  # a task without answer forms
+        return "other"
     lines = response.strip().split("\n")
     if not re.fullmatch(r"answer -?\d+", lines[-1].strip()):
         return "other"
     if len(lines) == 1:
         return "direct"
-    patterns = [task.step_line] if task is not None else list({t.step_line.pattern: t.step_line for t in TASKS.values()}.values())
+    patterns = ([task.step_line] if task is not None
+                else list({t.step_line.pattern: t.step_line for t in TASKS.values() if t.step_line is not None}.values()))
     ok = any(all(pat.match(line.strip()) for line in lines[:-1]) for pat in patterns)
     return "steps" if ok else "other"
 

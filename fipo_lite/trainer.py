@@ -28,6 +28,7 @@ from .errors import UserError
 from .objective import DEFAULT_AGG, policy_loss
 from .policy import Policy, SeqBatch, use_lean_forward
 from .rollout import sample_and_score
+from .tasks import classify_form, get_task
 
 
 # ----------------------------------------------------------------------------- data stream
@@ -350,7 +351,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
     model, tokenizer = load_model(cfg)
     # Unsloth replaces the model's forward with its own; the shared-prompt pass is checked on transformers' only.
     policy = Policy(model, tokenizer, t.logprob_chunk_size, share_prompts=t.share_prompt_forward and cfg.model.backend != "unsloth",
-                    lean_forward=use_lean_forward(t.lean_forward, model, cfg.model.backend))
+                    lean_forward=use_lean_forward(t.lean_forward, model, cfg.model.backend), temperature=r.temperature)
     engine = build_engine(cfg, model, tokenizer)
     reward_fn = RewardRunner(cfg.reward, max_response_length=r.max_new_tokens)
     synthetic = cfg.data.train.startswith("synthetic:")
@@ -440,10 +441,8 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         row[M.SAMPLED_GROUPS] = len(sampled)
         row[M.PARTIAL_BATCH] = int(len(kept) < t.train_batch_size)
         row[M.REWARD_FAILURES] = failures
-        if synthetic:  # which answer form the policy chose: the demo's "thinking longer"
-            from .tasks import classify_form, get_task
-
-            task = get_task(cfg.data.train.split(":", 1)[1])
+        task = get_task(cfg.data.train.split(":", 1)[1]) if synthetic else None
+        if task is not None and task.step_line is not None:  # which answer form the policy chose: the demo's "thinking longer"
             for key, groups in ((M.STEPS_FORM_FRAC, kept), (M.SAMPLED[M.STEPS_FORM_FRAC], sampled)):
                 forms = [classify_form(x, task) for g in groups for x in g.texts]
                 row[key] = forms.count("steps") / len(forms) if forms else math.nan

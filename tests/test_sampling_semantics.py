@@ -107,3 +107,31 @@ def test_update_runs_in_training_mode_and_checkpoints_activations(tiny_model_dir
     modes_gc, saved_gc, _ = _update_once(tiny_model_dir, tmp_path / "gc", True)
     assert all(modes_gc)
     assert saved_gc < saved_plain / 2, f"gradient checkpointing saved {saved_gc} tensors vs {saved_plain} without"
+
+
+def test_trainer_logprobs_are_at_the_rollout_temperature(tiny_model_dir):
+    """At T = 0.7 the trainer's log-probs are those of softmax(logits / T), the distribution sampled
+    from (verl's actor divides by the rollout temperature): the gap is float noise, not the T = 1 one."""
+    model, tok = _load(tiny_model_dir)
+    torch.manual_seed(2)
+    ro = HFEngine(model, tok).generate(PROMPTS, SamplingParams(n=3, max_new_tokens=12, temperature=0.7, logprobs=True))
+    batch = SeqBatch.from_lists(ro.prompt_ids, ro.response_ids, tok.pad_token_id)
+
+    def gap(policy):
+        logp, ent = policy.logprobs(batch, with_entropy=True)
+        return max(abs(logp[i, j].item() - ro.sampler_logprobs[i][j]) for i in range(len(ro)) for j in range(len(ro.response_ids[i]))), ent
+
+    at_t, ent_t = gap(Policy(model, tok, temperature=0.7))
+    raw, ent_1 = gap(Policy(model, tok))
+    assert at_t < 1e-5
+    assert raw > 1e-2
+    assert (ent_t < ent_1).float().mean() > 0.9  # sharper at T < 1: the entropy is the sampled distribution's too
+
+
+def test_policy_refuses_a_bad_temperature(tiny_model_dir):
+    import pytest
+
+    model, tok = _load(tiny_model_dir)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            Policy(model, tok, temperature=bad)

@@ -282,6 +282,15 @@ def test_sampler_logprobs_tis_and_token_budget_packing(tiny_warm_model_dir, tmp_
     assert math.isfinite(row[M.LOSS])
 
 
+def test_logged_gap_at_a_rollout_temperature_below_one(tiny_warm_model_dir, tmp_path):
+    """rollout.temperature = 0.7: old log-probs, ratio, Future-KL and the logged gap are at T = 0.7, so
+    the sampler/trainer gap is float noise (it was ~0.1 nats when the trainer used raw logits)."""
+    out = tmp_path / "t07"
+    train(_cfg(tiny_warm_model_dir, out, **{"rollout.temperature": 0.7, "algorithm.tis_cap": 2.0, "algorithm.filter_groups.enable": False,
+                                            "trainer.total_steps": 1, "trainer.eval_every": 0, "trainer.save_every": 0}))
+    assert 0 <= _rows(out)[-1]["rollout/logprob_gap"] < 1e-4
+
+
 def test_micro_batches_respect_the_token_budget():
     samples = [Sample([1] * 5, [2] * n, 0.0) for n in (3, 10, 4, 20, 1)]
     packs = micro_batches(samples, size=99, token_budget=40)

@@ -1,7 +1,7 @@
 """QLoRA backend: the base model in 4-bit NF4 (bitsandbytes), LoRA adapters trained on top.
 
-NF4 with double quantisation and bf16 compute, as in the QLoRA paper and the transformers/peft
-docs: a 7B base model takes about 4 GiB instead of 14. `make_optimizer` gives the paged 8-bit AdamW
+NF4 with double quantisation and compute in model.dtype (bf16 on a GPU), as in the QLoRA paper and the
+transformers/peft docs: a 7B base model takes about 4 GiB instead of 14. `make_optimizer` gives the paged 8-bit AdamW
 (`trainer.optimizer=paged_adamw_8bit`), whose states page to CPU under memory pressure.
 """
 
@@ -25,8 +25,9 @@ def require_gpu_package(package: str, what: str) -> None:
 
 
 def bnb_config_kwargs(cfg) -> dict:
-    """Keyword arguments of `transformers.BitsAndBytesConfig`: NF4, double quant, bf16 compute."""
-    compute = cfg.model.dtype if cfg.model.dtype != "float32" else "bfloat16"  # 4-bit matmuls run in 16 bit
+    """Keyword arguments of `transformers.BitsAndBytesConfig`: NF4, double quant, compute in model.dtype
+    (bf16 in the GPU configs; float32 on a CPU, so that the trainer computes what a float32 sampler does)."""
+    compute = cfg.model.dtype
     return dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=getattr(torch, compute))
 
@@ -86,3 +87,73 @@ def make_optimizer(params, cfg):
 
     t = cfg.trainer
     return bnb.optim.PagedAdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+DEQUANT_VERSION = 1  # bump when dequantized_base writes something else
+
+
+def has_4bit_layers(model) -> bool:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def dequantized_base(model, tokenizer, source: str, cache_dir: str, dtype: str = "float32"):
+    """A Hugging Face directory holding the base weights this QLoRA model actually computes with: each
+    NF4 weight dequantized (bitsandbytes' own `dequantize_4bit`), every other weight as loaded, no LoRA.
+
+    vLLM loading the original checkpoint would sample from the full-precision base + LoRA while the
+    trainer's base is NF4: on SmolLM2-135M that is a gap of ~0.5 nats per token, and every update far
+    off-policy. With this directory the float32 sampler/trainer gap is float noise (tests/stack).
+    Written once per (source, quantization, dtype) to `cache_dir`, atomically."""
+    import hashlib
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import bitsandbytes as bnb
+    from safetensors.torch import save_file
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantized = {name for name, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    src = Path(source)
+    stamp = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in src.glob("*.safetensors")) if src.is_dir() else []
+    qcfg = getattr(base.config, "quantization_config", None)
+    qdict = qcfg.to_dict() if hasattr(qcfg, "to_dict") else qcfg
+    key = json.dumps({"source": str(src.resolve()) if src.is_dir() else source, "files": stamp, "quant": qdict, "dtype": dtype,
+                      "layers": len(quantized), "bnb": bnb.__version__, "v": DEQUANT_VERSION}, sort_keys=True, default=str)
+    out = Path(cache_dir) / f"nf4-dequant-{src.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, p in base.named_parameters():  # tied weights appear once: the config's tie flag restores them
+        if "lora_" in name:
+            continue
+        owner = name.rsplit(".", 1)[0].replace(".base_layer", "")
+        t = p.data
+        if owner in quantized or owner + ".base_layer" in quantized:
+            if name.endswith(".weight"):
+                t = bnb.functional.dequantize_4bit(p.data, p.quant_state)
+        tensors[name.replace(".base_layer", "")] = t.detach().to(getattr(torch, dtype)).contiguous().cpu()
+    config = base.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_pre_quantization_dtype", None)
+    config["torch_dtype"] = config["dtype"] = dtype
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-nf4-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process wrote it first
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -21,11 +21,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_model_path(model_cfg) -> str:
-    """"tiny" builds (or reuses) the kit's tiny CPU model; anything else is a local dir or hub name."""
+    """"tiny" builds (or reuses) the kit's tiny CPU model; a GGUF file (or a directory holding one, or
+    a packaged model such as "smollm2-135m-instruct") is converted once to a cached Hugging Face
+    directory; anything else is a local dir or hub name. Local results are absolute: adapters record
+    their base path."""
     if model_cfg.path == "tiny":
         from fipo_lite.tiny import build_tiny
 
-        return str(Path(build_tiny(model_cfg)).resolve())  # absolute: adapters record their base path
+        return str(Path(build_tiny(model_cfg)).resolve())
+    from fipo_lite.gguf_models import convert, gguf_file_of
+
+    gguf = gguf_file_of(model_cfg.path)
+    if gguf is not None:
+        return str(convert(gguf, model_cfg.cache_dir).resolve())
     return model_cfg.path
 
 

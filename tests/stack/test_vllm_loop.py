@@ -78,6 +78,14 @@ def test_sampler_follows_every_update_and_a_kill_and_resume(vllm_tiny_dir, tmp_p
     assert resumed_at >= 2  # the steps after it were sampled by a fresh vLLM given the restored adapter
 
 
+def test_vllm_gap_at_a_rollout_temperature_below_one(vllm_tiny_dir, tmp_path, train_process):
+    """vLLM's processed log-probs at T = 0.7 and the trainer's, at the same temperature, agree."""
+    out = tmp_path / "t07"
+    _finish(train_process(_args(vllm_tiny_dir, out, **{"rollout.temperature": 0.7, "trainer.total_steps": 2, "trainer.save_every": 0})))
+    gaps = [r[GAP] for r in _rows(out)]
+    assert max(gaps) <= 1e-3, gaps
+
+
 STALE = """
 import fipo_lite.engines.vllm as v
 _sync = v.VLLMEngine.sync

@@ -75,8 +75,9 @@ def main(argv=None) -> int:
         return 2
     ab.out_dir.mkdir(parents=True, exist_ok=True)
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
-    for ax, (key, title) in zip(axes, CURVES):
+    curves = [(k, t) for k, t in CURVES if any(across_seeds(rs, k) is not None for rs in runs.values())]  # a task without forms has no 4th
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4))
+    for ax, (key, title) in zip(axes, curves):
         for v, rs in runs.items():
             agg = across_seeds(rs, key)
             if agg is None:

@@ -304,7 +304,7 @@ def _acc(sums: dict, counts: dict, key: str, value: float) -> None:
 
 # ----------------------------------------------------------------------------- evaluation
 def run_eval(engine, tokenizer, examples, prompt_ids, cfg, reward_fn) -> dict[str, float]:
-    from .evaluate import evaluate_rollouts
+    from .evaluation import evaluate_rollouts
 
     params = SamplingParams(n=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature, top_p=cfg.trainer.eval_top_p, max_new_tokens=cfg.rollout.max_new_tokens)
     summary, _ = evaluate_rollouts(engine, tokenizer, examples, cfg.trainer.eval_k, params, reward_fn, prompt_ids=prompt_ids)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from fipo_lite import evaluate as E
+from fipo_lite import evaluation as E
 from fipo_lite import metrics as M
 from fipo_lite.data import Example
 from fipo_lite.engines.base import Rollout, SamplingParams

@@ -5,8 +5,8 @@ estimator 1 - C(n-c, k) / C(n, k). Used by the loop for periodic evaluation and 
 
     python -m fipo_lite evaluate --model PATH_OR_CHECKPOINT --data FILE -k 32
 
-In a notebook, `fipo_lite.evaluate(run, k=8)` runs the same command and returns its results (this
-module is callable: `fipo_lite.api.evaluate`).
+In a notebook, `fipo_lite.evaluate(run, k=8)` runs the same command and returns its results
+(`fipo_lite.api.evaluate`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 
 from . import metrics as M
 from .data import encode_prompts
-from ._callable import make_callable
 from .engines.base import SamplingParams
 from .rollout import sample_and_score
 
@@ -242,5 +241,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     return 0
 
-
-make_callable(__name__)

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from ..checks import check_model_path, require_gpu_package, resolve_model_path
+from ..checks import GPU_EXTRA, check_model_path, require_gpu_package, resolve_model_path
 
 
 def bnb_config_kwargs(cfg) -> dict:

@@ -12,13 +12,11 @@ from .objective import LOSS_AGG_MODES, MODES, aggregate, from_recipe, influence_
 __version__ = "0.1.0"
 __all__ = ["future_kl", "future_kl_chunked", "policy_loss", "from_recipe", "influence_bounds", "aggregate", "MODES", "LOSS_AGG_MODES",
            "train", "ablate", "plot", "evaluate", "plan", "Run"]
-_API = ("train", "plot", "plan", "Run")
+_API = ("train", "ablate", "plot", "evaluate", "plan", "Run")
 
 
 def __getattr__(name: str):
     """The notebook API on first use, so `import fipo_lite` stays light (no pandas, matplotlib, transformers)."""
-    if name in ("ablate", "evaluate"):  # submodules that are also callable: see fipo_lite/_callable.py
-        return importlib.import_module(f".{name}", __name__)
     if name in _API:
         value = getattr(importlib.import_module(".api", __name__), name)
         globals()[name] = value

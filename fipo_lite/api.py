@@ -1,9 +1,9 @@
 """The notebook API: `fipo_lite.train`, `fipo_lite.ablate`, `fipo_lite.plot`, `fipo_lite.evaluate`, `fipo_lite.plan`.
 
 Each is a thin layer over its command, so a notebook and the CLI run the same code: `train` calls
-`trainer.train` in this process (live tqdm progress), `ablate` calls `ablate.run_ablation` (every run a
+`trainer.train` in this process (live tqdm progress), `ablate` calls `ablation.run_ablation` (every run a
 `python -m fipo_lite train` subprocess, so GPU memory is returned after each), `plot` calls
-`plots.make_figure`, `evaluate` calls `evaluate.main`, `plan` calls `planner.plan`.
+`plots.make_figure`, `evaluate` calls `evaluation.main`, `plan` calls `planner.plan`.
 
 Overrides are the CLI's dotted keys, in any of three spellings (later ones win):
 
@@ -203,7 +203,7 @@ def ablate(grid: str | Path | None = None, *, base: str | Path | dict | None = N
     RUNS_DIR/ablation.yaml first, so `python -m fipo_lite ablate` can rerun it. Finished runs are
     skipped, so calling this again resumes an interrupted grid. The table's `attrs` hold the run
     directories (`attrs["runs"]`: {variant: [dir per seed]}) and the output folder (`attrs["out_dir"]`)."""
-    from . import ablate as A
+    from . import ablation as A
 
     if grid is not None:
         if base is not None or variants is not None:
@@ -239,7 +239,7 @@ def ablate(grid: str | Path | None = None, *, base: str | Path | dict | None = N
 
 def _summary_row(ab, variant: str, rows: list[dict]) -> dict:
     """Mean (and stdev) over seeds of each summary number; nan values (never reached) left out."""
-    from .ablate import COLUMNS
+    from .ablation import COLUMNS
 
     out = {"variant": variant, "overrides": " ".join(ab.variants[variant]), "seeds": len(rows)}
     order = ["initial_val_acc", *(key for key, _, _ in COLUMNS)]
@@ -304,7 +304,7 @@ def evaluate(model: Run | str | Path, data: str | None = None, *, k: int = 8, n_
     """avg@k / pass@k / cons@k of a run (its latest checkpoint), a checkpoint or a model, as
     `python -m fipo_lite evaluate`. For a run, unset arguments come from its config: the validation
     data and size, response length, sampler, dtype and reward. Writes to `out` (default RUN/eval)."""
-    from . import evaluate as E
+    from . import evaluation as E
 
     run = model if isinstance(model, Run) else (Run.load(model) if (Path(model) / "config.yaml").is_file() else None)
     if run is not None:

@@ -11,9 +11,9 @@ import sys
 
 COMMANDS = {
     "train": ("fipo_lite.trainer", "train an adapter: train --config FILE [key=value ...]"),
-    "evaluate": ("fipo_lite.evaluate", "avg@k / pass@k / cons@k of a model or checkpoint on a data file"),
+    "evaluate": ("fipo_lite.evaluation", "avg@k / pass@k / cons@k of a model or checkpoint on a data file"),
     "plot": ("fipo_lite.plots", "response-length dynamics of one or more runs: plot RUN_DIR [...] -o OUT.png"),
-    "ablate": ("fipo_lite.ablate", "run a grid of overrides over seeds: ablate configs/ablations/NAME.yaml"),
+    "ablate": ("fipo_lite.ablation", "run a grid of overrides over seeds: ablate configs/ablations/NAME.yaml"),
     "plan": ("fipo_lite.planner", "predict peak GPU memory: plan --config FILE --gpu-gb N"),
     "build-tiny": ("fipo_lite.tiny_cli", "build (or reuse) the tiny CPU model and print its path"),
 }

@@ -2,15 +2,22 @@
 
 Any `RolloutEngine` samples `params.n` responses per prompt, the tokenizer decodes them, and the
 reward runner scores each against its example's ground truth. The trainer groups the result into
-GRPO groups; `evaluate` turns it into avg@k / pass@k / cons@k.
+GRPO groups; `evaluate_rollouts` turns it into avg@k / pass@k / cons@k, for the loop's periodic
+evaluation and for the `evaluate` command (`evaluation.py`).
+
+avg@k = mean accuracy; cons@k = accuracy of the majority extracted answer; pass@k = the unbiased
+estimator 1 - C(n-c, k) / C(n, k).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from . import metrics as M
+from .data import encode_prompts
 from .engines.base import Rollout, SamplingParams
 
 
@@ -41,3 +48,78 @@ def sample_and_score(engine, tokenizer, examples, prompt_ids: list[list[int]], p
     ex = [examples[i] for i in ro.prompt_index]
     rewards = reward_fn(texts, [e.ground_truth for e in ex], [e.data_source for e in ex], ro.response_lengths)
     return Scored(ro, texts, rewards, sample_s=t1 - t0, reward_s=time.perf_counter() - t1)
+
+
+# ----------------------------------------------------------------------------- evaluation metrics
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """P(at least one of k draws without replacement from n samples, c of them correct, is correct)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):  # C(n-c, k) / C(n, k) as a stable product
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def cons_at_k(preds: list, accs: list[float]) -> float:
+    """Accuracy of the most frequent extracted answer (None never votes); a tie goes to the answer
+    seen first. 0 when no sample produced an answer."""
+    votes = Counter(p for p in preds if p is not None)
+    if not votes:
+        return 0.0
+    best = max(votes.values())
+    winner = next(p for p in preds if p is not None and votes[p] == best)
+    return float(next(a for p, a in zip(preds, accs) if p == winner))
+
+
+def summarize(rows: list[dict], k: int | None = None) -> dict[str, float]:
+    """Mean of the per-problem metrics (rows of `evaluate_rollouts`) plus response-length statistics,
+    under fipo_lite.metrics names."""
+    if not rows:
+        raise ValueError("no problems to summarize")
+    k = k if k is not None else rows[0]["k"]
+    lengths = [L for r in rows for L in r["lengths"]]
+    out = {
+        M.VAL_AVG: sum(r["avg_at_k"] for r in rows) / len(rows),
+        M.VAL_PASS: sum(r["pass_at_k"] for r in rows) / len(rows),
+        M.VAL_CONS: sum(r["cons_at_k"] for r in rows) / len(rows),
+        M.VAL_LENGTH: sum(lengths) / len(lengths),
+        "val/k": float(k),
+        "val/num_problems": float(len(rows)),
+    }
+    # val/response_length_min, _q25, _median, _q75, _max beside metrics' val/response_length_mean
+    out.update({f"val/response_length_{key.split('/', 1)[1]}": v for key, v in M.length_stats(lengths).items() if key != M.LENGTH["mean"]})
+    return out
+
+
+def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParams, reward_fn, prompt_ids=None,
+                      ) -> tuple[dict[str, float], list[dict]]:
+    """Sample `params.n` (>= k) responses per example with any RolloutEngine, score, and summarize.
+
+    With n > k samples, pass@k and avg@k use all n (unbiased, lower variance); cons@k votes over the first k."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if params.n < k:
+        raise ValueError(f"need at least k={k} samples per problem, got params.n={params.n}")
+    if prompt_ids is None:
+        prompt_ids = encode_prompts(tokenizer, examples)
+    scored = sample_and_score(engine, tokenizer, examples, prompt_ids, params, reward_fn)
+    ro, texts, rew = scored.rollout, scored.texts, scored.rewards
+    by_prompt = scored.rows_by_prompt(len(examples))
+    rows = []
+    for example, idx in zip(examples, by_prompt):
+        accs = [rew.accs[i] for i in idx]
+        preds = [rew.preds[i] for i in idx]
+        rows.append({
+            "index": example.index, "k": k, "data_source": example.data_source, "ground_truth": example.ground_truth,
+            "preds": preds, "accs": accs, "lengths": [ro.response_lengths[i] for i in idx],
+            "truncated": [ro.truncated[i] for i in idx],
+            "avg_at_k": sum(accs) / len(accs), "pass_at_k": pass_at_k(len(accs), int(sum(a > 0 for a in accs)), k),
+            "cons_at_k": cons_at_k(preds[:k], accs[:k]), "responses": [texts[i] for i in idx],
+        })
+    summary = summarize(rows, k)
+    if rew.failures:
+        summary["val/reward_failures"] = float(rew.failures)
+    return summary, rows

@@ -1,6 +1,6 @@
 """`python -m fipo_lite build-tiny`: build (or reuse) the tiny CPU model, print its path and per-form accuracy.
 
-The command lives apart from `tiny.py` because it reads a run config and loads through `evaluate`,
+The command lives apart from `tiny.py` because it reads a run config and loads through `evaluation`,
 both of which (through the backends) import `tiny`.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 from .config import load_config
 from .errors import UserError
-from .evaluate import load_for_eval
+from .evaluation import load_for_eval
 from .tiny import build_tiny, measure_forms
 
 

@@ -27,7 +27,7 @@ from .engines import SamplingParams, build_engine
 from .errors import UserError
 from .objective import DEFAULT_AGG, policy_loss
 from .policy import Policy, SeqBatch, use_lean_forward
-from .rollout import sample_and_score
+from .rollout import evaluate_rollouts, sample_and_score
 from .tasks import classify_form, get_task
 
 
@@ -304,8 +304,6 @@ def _acc(sums: dict, counts: dict, key: str, value: float) -> None:
 
 # ----------------------------------------------------------------------------- evaluation
 def run_eval(engine, tokenizer, examples, prompt_ids, cfg, reward_fn) -> dict[str, float]:
-    from .evaluate import evaluate_rollouts
-
     params = SamplingParams(n=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature, top_p=cfg.trainer.eval_top_p, max_new_tokens=cfg.rollout.max_new_tokens)
     summary, _ = evaluate_rollouts(engine, tokenizer, examples, cfg.trainer.eval_k, params, reward_fn, prompt_ids=prompt_ids)
     return summary

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fipo_lite import metrics as M
-from fipo_lite.ablate import load_ablation, run_dir
+from fipo_lite.ablation import load_ablation, run_dir
 from fipo_lite.objective import INFLUENCE_HEAD
 
 CURVES = [(M.LENGTH["mean"], "mean response length (tokens)"), (M.SAMPLED[M.ACCURACY], "accuracy of all sampled responses"),

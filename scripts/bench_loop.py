@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_loop_"))
     if a.model:
-        from fipo_lite.backends.hf import resolve_model_path
+        from fipo_lite.checks import resolve_model_path
         from fipo_lite.config import ModelConfig
 
         model_dir = resolve_model_path(ModelConfig(path=a.model))

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from fipo_lite import ablate
+from fipo_lite import ablation
 
 FAKE_TRAIN = textwrap.dedent('''
     import json, os, sys, pathlib
@@ -36,7 +36,7 @@ FAKE_TRAIN = textwrap.dedent('''
 def grid(tmp_path, monkeypatch):
     fake = tmp_path / "fake_train.py"
     fake.write_text(FAKE_TRAIN)
-    monkeypatch.setenv(ablate.TRAIN_CMD_ENV, json.dumps([sys.executable, str(fake)]))
+    monkeypatch.setenv(ablation.TRAIN_CMD_ENV, json.dumps([sys.executable, str(fake)]))
     f = tmp_path / "grid.yaml"
     f.write_text(textwrap.dedent(f'''
         name: taus
@@ -60,8 +60,8 @@ def _expected(tau, seed, steps=10):
 
 def test_grid_runs_tabulates_and_resumes(grid, monkeypatch):
     f, tmp = grid
-    monkeypatch.chdir(ablate.Path(__file__).resolve().parents[1])
-    assert ablate.main([str(f)]) == 0
+    monkeypatch.chdir(ablation.Path(__file__).resolve().parents[1])
+    assert ablation.main([str(f)]) == 0
     summary = json.loads((tmp / "out" / "summary.json").read_text())
     for variant, tau in (("t8", 8), ("t256", 256)):
         rows = summary[variant]
@@ -76,19 +76,19 @@ def test_grid_runs_tabulates_and_resumes(grid, monkeypatch):
     assert "| t8 | `algorithm.tau=8` | 2 |" in md
     assert (tmp / "out" / "taus_seed0.png").stat().st_size > 10_000
     # a second invocation skips the finished runs
-    assert ablate.main([str(f)]) == 0
+    assert ablation.main([str(f)]) == 0
     assert (tmp / "runs" / "t8" / "seed_0" / "calls.txt").read_text() == "x"
     # an interrupted run (metrics short of the last step) is redone
     m = tmp / "runs" / "t8" / "seed_1" / "metrics.jsonl"
     m.write_text("\n".join(m.read_text().splitlines()[:3]) + "\n")
-    assert ablate.main([str(f)]) == 0
+    assert ablation.main([str(f)]) == 0
     assert (tmp / "runs" / "t8" / "seed_1" / "calls.txt").read_text() == "xx"
 
 
 def test_dry_run_prints_commands(grid, capsys, monkeypatch):
     f, tmp = grid
-    monkeypatch.chdir(ablate.Path(__file__).resolve().parents[1])
-    assert ablate.main([str(f), "--dry-run", "--seeds", "3"]) == 0
+    monkeypatch.chdir(ablation.Path(__file__).resolve().parents[1])
+    assert ablation.main([str(f), "--dry-run", "--seeds", "3"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2 and all("seed=3" in line and "trainer.total_steps=10" in line for line in out)
     assert not (tmp / "runs").exists()
@@ -97,30 +97,30 @@ def test_dry_run_prints_commands(grid, capsys, monkeypatch):
 def test_bad_ablation_files(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: configs/tiny_cpu.yaml\nvariant: {a: [x=1]}\n")
-    assert ablate.main([str(bad)]) == 2
+    assert ablation.main([str(bad)]) == 2
     assert "unknown keys ['variant']; valid keys" in capsys.readouterr().err
     bad.write_text("base: configs/tiny_cpu.yaml\nvariants: {a: [algorithm.tauu=1]}\n")
-    assert ablate.main([str(bad), "--dry-run"]) == 2
+    assert ablation.main([str(bad), "--dry-run"]) == 2
     assert "variant 'a'" in capsys.readouterr().err
-    assert ablate.main([str(tmp_path / "none.yaml")]) == 2
+    assert ablation.main([str(tmp_path / "none.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["fipo_vs_dapo_vs_grpo", "tau", "influence_clip", "dual_clip_mask"])
 def test_shipped_grids_validate(name, monkeypatch):
-    root = ablate.Path(__file__).resolve().parents[1]
+    root = ablation.Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
-    ab = ablate.load_ablation(root / "configs" / "ablations" / f"{name}.yaml")
+    ab = ablation.load_ablation(root / "configs" / "ablations" / f"{name}.yaml")
     assert len(ab.variants) >= 2 and ab.seeds
     for v in ab.variants:
-        ablate.load_config(ab.base, ablate.overrides(ab, v, ab.seeds[0]))
+        ablation.load_config(ab.base, ablation.overrides(ab, v, ab.seeds[0]))
 
 
 def test_a_failed_run_does_not_stop_the_others(grid, monkeypatch, capsys):
     f, tmp = grid
-    monkeypatch.chdir(ablate.Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(ablation.Path(__file__).resolve().parents[1])
     monkeypatch.setenv("FAKE_FAIL", "t8/seed_0")
-    assert ablate.main([str(f)]) == 1
+    assert ablation.main([str(f)]) == 1
     err = capsys.readouterr().err
     assert "1 of 4 runs failed" in err and "taus/t8/seed_0 failed (exit 3)" in err
     summary = json.loads((tmp / "out" / "summary.json").read_text())
@@ -129,7 +129,7 @@ def test_a_failed_run_does_not_stop_the_others(grid, monkeypatch, capsys):
     assert "| t8 | `algorithm.tau=8` | 1 |" in md and "**Failed runs**" in md
     # fixed: only the failed run is redone
     monkeypatch.delenv("FAKE_FAIL")
-    assert ablate.main([str(f), "--jobs", "2"]) == 0
+    assert ablation.main([str(f), "--jobs", "2"]) == 0
     calls = {d: (tmp / "runs" / d / "calls.txt").read_text() for d in ("t8/seed_0", "t8/seed_1", "t256/seed_0", "t256/seed_1")}
     assert calls == {"t8/seed_0": "xx", "t8/seed_1": "x", "t256/seed_0": "x", "t256/seed_1": "x"}
     assert "**Failed runs**" not in (tmp / "out" / "table.md").read_text()
@@ -143,19 +143,19 @@ def test_interrupt_stops_the_grid(grid, monkeypatch):
         calls.append((variant, seed))
         raise KeyboardInterrupt
 
-    monkeypatch.chdir(ablate.Path(__file__).resolve().parents[1])
-    monkeypatch.setattr(ablate, "_run_one", interrupted)
+    monkeypatch.chdir(ablation.Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(ablation, "_run_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ablate.main([str(f)])
+        ablation.main([str(f)])
     assert calls == [("t8", 0)]  # the later runs never started
 
 
 def test_finished_run_without_runner_record_is_kept(grid, monkeypatch):
     f, tmp = grid
-    monkeypatch.chdir(ablate.Path(__file__).resolve().parents[1])
-    assert ablate.main([str(f)]) == 0
+    monkeypatch.chdir(ablation.Path(__file__).resolve().parents[1])
+    assert ablation.main([str(f)]) == 0
     (tmp / "runs" / "t8" / "seed_0" / "ablation_run.json").unlink()  # e.g. trained by hand into the same dir
-    assert ablate.main([str(f)]) == 0
+    assert ablation.main([str(f)]) == 0
     assert (tmp / "runs" / "t8" / "seed_0" / "calls.txt").read_text() == "x"
     rows = json.loads((tmp / "out" / "summary.json").read_text())["t8"]
     assert math.isnan(rows[0]["wall_s"]) and rows[1]["wall_s"] > 0
@@ -164,7 +164,7 @@ def test_finished_run_without_runner_record_is_kept(grid, monkeypatch):
 
 def test_bad_command_line_values(grid, capsys):
     f, _ = grid
-    assert ablate.main([str(f), "--seeds", "0,a"]) == 2
+    assert ablation.main([str(f), "--seeds", "0,a"]) == 2
     assert "--seeds must be comma-separated integers" in capsys.readouterr().err
-    assert ablate.main([str(f), "--jobs", "0"]) == 2
+    assert ablation.main([str(f), "--jobs", "0"]) == 2
     assert "--jobs must be >= 1" in capsys.readouterr().err

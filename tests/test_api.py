@@ -24,10 +24,11 @@ def test_import_stays_light_and_api_names_resolve():
             "print(heavy); assert not heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     assert fipo_lite.train is api.train and fipo_lite.plot is api.plot and fipo_lite.Run is api.Run
-    # ablate / evaluate are also the command modules (importing a submodule rebinds the package attribute)
-    importlib.import_module("fipo_lite.ablate")
-    importlib.import_module("fipo_lite.evaluate")
-    assert callable(fipo_lite.ablate) and callable(fipo_lite.evaluate) and hasattr(fipo_lite.ablate, "load_ablation")
+    # ablate / evaluate are plain API functions; importing the command modules (ablation, evaluation) leaves them be
+    importlib.import_module("fipo_lite.ablation")
+    importlib.import_module("fipo_lite.evaluation")
+    assert fipo_lite.ablate is api.ablate and fipo_lite.evaluate is api.evaluate
+    assert inspect.isfunction(fipo_lite.ablate) and inspect.isfunction(fipo_lite.evaluate)
     assert "variants" in inspect.signature(fipo_lite.ablate).parameters
     with pytest.raises(AttributeError, match="no attribute 'trian'"):
         fipo_lite.trian  # noqa: B018
@@ -109,11 +110,11 @@ def test_interrupted_train_resumes_to_the_same_run(tiny_warm_model_dir, tmp_path
 def test_ablate_in_code_grid_table_and_plot(tmp_path, monkeypatch):
     from test_ablate import FAKE_TRAIN
 
-    from fipo_lite import ablate
+    from fipo_lite import ablation
 
     fake = tmp_path / "fake_train.py"
     fake.write_text(FAKE_TRAIN)
-    monkeypatch.setenv(ablate.TRAIN_CMD_ENV, json.dumps([sys.executable, str(fake)]))
+    monkeypatch.setenv(ablation.TRAIN_CMD_ENV, json.dumps([sys.executable, str(fake)]))
     runs = tmp_path / "grid"
     table = fipo_lite.ablate(base=TINY, variants={"t8": {"algorithm.tau": 8}, "t256": ["algorithm.tau=256"]}, seeds=[0, 1],
                              common={"trainer": {"total_steps": 10, "eval_every": 2}}, name="taus", runs_dir=runs)
@@ -124,7 +125,7 @@ def test_ablate_in_code_grid_table_and_plot(tmp_path, monkeypatch):
     assert table.loc["t256", "final_mean_length"] == pytest.approx(10 + 10 + 32 + 0.5)
     assert table.attrs["runs"]["t8"] == [str(runs / "t8" / "seed_0"), str(runs / "t8" / "seed_1")]
     assert (runs / "table.md").is_file() and (runs / "taus_seed0.png").is_file()
-    assert ablate.load_ablation(runs / "ablation.yaml").variants == {"t8": ["algorithm.tau=8"], "t256": ["algorithm.tau=256"]}
+    assert ablation.load_ablation(runs / "ablation.yaml").variants == {"t8": ["algorithm.tau=8"], "t256": ["algorithm.tau=256"]}
 
     fig = fipo_lite.plot(table, tmp_path / "fig.png", title="taus")
     assert len(fig.axes) == 15 and (tmp_path / "fig.png").stat().st_size > 10_000

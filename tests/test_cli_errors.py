@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fipo_lite import evaluate, trainer
+from fipo_lite import evaluation, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,6 @@ def test_bad_model_path(capsys, tmp_path, path, match, monkeypatch):
 def test_evaluate_malformed_jsonl(capsys, tiny_model_dir, tmp_path):
     data = tmp_path / "val.jsonl"
     data.write_text("[1, 2]\n")
-    rc = evaluate.main(["--model", str(tiny_model_dir), "--data", str(data), "-k", "1", "--device", "cpu"])
+    rc = evaluation.main(["--model", str(tiny_model_dir), "--data", str(data), "-k", "1", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.strip() == f"error: {data}: row 0: expected an object, got list"

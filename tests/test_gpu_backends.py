@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fipo_lite import checks
 from fipo_lite.backends import bnb4, unsloth as unsloth_backend
 from fipo_lite.config import load_config
 from fipo_lite.engines import vllm as vllm_engine
@@ -144,7 +145,7 @@ def fake_vllm(monkeypatch):
     request.LoRARequest = lambda lora_name, lora_int_id, lora_path: SimpleNamespace(name=lora_name, id=lora_int_id, path=lora_path)
     for name, mod in {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": request}.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(bnb4, "require_gpu_package", lambda pkg, what: None)
+    monkeypatch.setattr(checks, "require_gpu_package", lambda pkg, what: None)
 
 
 class SavingPolicy:

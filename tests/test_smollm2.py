@@ -37,7 +37,7 @@ def test_smollm2_trains_two_off_policy_steps(tmp_path):
 
 
 def test_evaluate_the_packaged_model_by_name(tmp_path):
-    from fipo_lite.evaluate import main
+    from fipo_lite.evaluation import main
 
     assert main(["--model", "smollm2-135m-instruct", "--data", "synthetic:mul2x1", "-k", "2", "--n-problems", "3",
                  "--max-new-tokens", "32", "--device", "cpu", "--out", str(tmp_path)]) == 0

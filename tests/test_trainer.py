@@ -260,9 +260,9 @@ def test_gpu_backend_without_gpu_stack_is_a_clear_error(capsys):
 
 
 def test_evaluate_command_loads_a_run_directory(fipo_run, tmp_path):
-    from fipo_lite import evaluate
+    from fipo_lite import evaluation
 
-    rc = evaluate.main(["--model", str(fipo_run), "--data", "synthetic:addition", "-k", "2", "--n-problems", "4",
+    rc = evaluation.main(["--model", str(fipo_run), "--data", "synthetic:addition", "-k", "2", "--n-problems", "4",
                         "--max-new-tokens", "24", "--device", "cpu", "--out", str(tmp_path)])
     assert rc == 0
     summary = json.loads((tmp_path / "summary.json").read_text())

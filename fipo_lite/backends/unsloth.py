@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from .bnb4 import GPU_EXTRA
+from ..checks import GPU_EXTRA
 
 
 def unsloth_from_pretrained_kwargs(cfg, model_path: str) -> dict:
@@ -106,7 +106,7 @@ def load_model(cfg):
     import_unsloth(cfg)
     from unsloth import FastLanguageModel
 
-    from .hf import check_model_path, resolve_model_path
+    from ..checks import check_model_path, resolve_model_path
 
     path = resolve_model_path(cfg.model)
     check_model_path(path)

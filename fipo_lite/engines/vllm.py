@@ -108,7 +108,7 @@ class VLLMEngine:
     """`RolloutEngine` over an in-process `vllm.LLM` (or Unsloth's, when model.backend=unsloth)."""
 
     def __init__(self, cfg, tokenizer, model=None):
-        from fipo_lite.backends.bnb4 import require_gpu_package
+        from fipo_lite.checks import require_gpu_package
 
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -130,7 +130,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
             from vllm import LLM
 
-            from fipo_lite.backends.hf import check_model_path, resolve_model_path
+            from fipo_lite.checks import check_model_path, resolve_model_path
 
             path = resolve_model_path(cfg.model)
             check_model_path(path)

@@ -53,7 +53,7 @@ def test_qlora_vllm_loop_trains_and_evaluate_vllm_agrees_with_hf(vllm_tiny_dir, 
     gaps = [r["rollout/logprob_gap"] for r in rows]
     assert max(gaps) <= 1e-3, gaps
 
-    from fipo_lite.evaluate import main as evaluate
+    from fipo_lite.evaluation import main as evaluate
 
     summaries = {}
     for engine in ("hf", "vllm"):

@@ -20,7 +20,7 @@ at a time by default (on a small CPU box parallel runs only slow each other down
 reported at the end and the others still run.
 
 In a notebook, `fipo_lite.ablate(FILE)` or `fipo_lite.ablate(base=..., variants=..., seeds=...)` runs the
-same grid and returns the table (this module is callable: `fipo_lite.api.ablate`).
+same grid and returns the table (`fipo_lite.api.ablate`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from pathlib import Path
 import yaml
 
 from . import metrics as M
-from ._callable import make_callable
 from .config import ConfigError, load_config
 
 KEYS = {"name", "description", "base", "common", "seeds", "variants", "runs_dir", "out_dir"}
@@ -319,5 +318,3 @@ def main(argv: list[str] | None = None) -> int:
         print((ab.out_dir / "table.md").read_text())
     return 0
 
-
-make_callable(__name__)

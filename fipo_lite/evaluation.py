@@ -1,12 +1,13 @@
-"""Evaluation (spec section 11): k samples per problem at temperature 1.0, top-p 0.7.
-
-avg@k = mean accuracy; cons@k = accuracy of the majority extracted answer; pass@k = the unbiased
-estimator 1 - C(n-c, k) / C(n, k). Used by the loop for periodic evaluation and by the command
+"""The `evaluate` command (spec section 11): k samples per problem at temperature 1.0, top-p 0.7,
 
     python -m fipo_lite evaluate --model PATH_OR_CHECKPOINT --data FILE -k 32
 
-In a notebook, `fipo_lite.evaluate(run, k=8)` runs the same command and returns its results (this
-module is callable: `fipo_lite.api.evaluate`).
+This module is the command: argument parsing, model resolution (model dir, checkpoint or run dir) and
+loading. The metrics (avg@k, pass@k, cons@k) and `evaluate_rollouts`, which the loop's periodic
+evaluation shares, live in `rollout.py`.
+
+In a notebook, `fipo_lite.evaluate(run, k=8)` runs the same command and returns its results
+(`fipo_lite.api.evaluate`).
 """
 
 from __future__ import annotations
@@ -14,91 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
-from . import metrics as M
 from .data import encode_prompts
-from ._callable import make_callable
 from .engines.base import SamplingParams
-from .rollout import sample_and_score
+from .rollout import evaluate_rollouts
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """P(at least one of k draws without replacement from n samples, c of them correct, is correct)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    miss = 1.0
-    for i in range(n - c + 1, n + 1):  # C(n-c, k) / C(n, k) as a stable product
-        miss *= 1.0 - k / i
-    return 1.0 - miss
-
-
-def cons_at_k(preds: list, accs: list[float]) -> float:
-    """Accuracy of the most frequent extracted answer (None never votes); a tie goes to the answer
-    seen first. 0 when no sample produced an answer."""
-    votes = Counter(p for p in preds if p is not None)
-    if not votes:
-        return 0.0
-    best = max(votes.values())
-    winner = next(p for p in preds if p is not None and votes[p] == best)
-    return float(next(a for p, a in zip(preds, accs) if p == winner))
-
-
-def summarize(rows: list[dict], k: int | None = None) -> dict[str, float]:
-    """Mean of the per-problem metrics (rows of `evaluate_rollouts`) plus response-length statistics,
-    under fipo_lite.metrics names."""
-    if not rows:
-        raise ValueError("no problems to summarize")
-    k = k if k is not None else rows[0]["k"]
-    lengths = [L for r in rows for L in r["lengths"]]
-    out = {
-        M.VAL_AVG: sum(r["avg_at_k"] for r in rows) / len(rows),
-        M.VAL_PASS: sum(r["pass_at_k"] for r in rows) / len(rows),
-        M.VAL_CONS: sum(r["cons_at_k"] for r in rows) / len(rows),
-        M.VAL_LENGTH: sum(lengths) / len(lengths),
-        "val/k": float(k),
-        "val/num_problems": float(len(rows)),
-    }
-    # val/response_length_min, _q25, _median, _q75, _max beside metrics' val/response_length_mean
-    out.update({f"val/response_length_{key.split('/', 1)[1]}": v for key, v in M.length_stats(lengths).items() if key != M.LENGTH["mean"]})
-    return out
-
-
-def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParams, reward_fn, prompt_ids=None,
-                      ) -> tuple[dict[str, float], list[dict]]:
-    """Sample `params.n` (>= k) responses per example with any RolloutEngine, score, and summarize.
-
-    With n > k samples, pass@k and avg@k use all n (unbiased, lower variance); cons@k votes over the first k."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if params.n < k:
-        raise ValueError(f"need at least k={k} samples per problem, got params.n={params.n}")
-    if prompt_ids is None:
-        prompt_ids = encode_prompts(tokenizer, examples)
-    scored = sample_and_score(engine, tokenizer, examples, prompt_ids, params, reward_fn)
-    ro, texts, rew = scored.rollout, scored.texts, scored.rewards
-    by_prompt = scored.rows_by_prompt(len(examples))
-    rows = []
-    for example, idx in zip(examples, by_prompt):
-        accs = [rew.accs[i] for i in idx]
-        preds = [rew.preds[i] for i in idx]
-        rows.append({
-            "index": example.index, "k": k, "data_source": example.data_source, "ground_truth": example.ground_truth,
-            "preds": preds, "accs": accs, "lengths": [ro.response_lengths[i] for i in idx],
-            "truncated": [ro.truncated[i] for i in idx],
-            "avg_at_k": sum(accs) / len(accs), "pass_at_k": pass_at_k(len(accs), int(sum(a > 0 for a in accs)), k),
-            "cons_at_k": cons_at_k(preds[:k], accs[:k]), "responses": [texts[i] for i in idx],
-        })
-    summary = summarize(rows, k)
-    if rew.failures:
-        summary["val/reward_failures"] = float(rew.failures)
-    return summary, rows
-
-
-# ----------------------------------------------------------------------------- command
 def resolve_model(model_path: str) -> tuple[str, Path | None]:
     """(base model path, adapter dir or None) for a model dir/hub name, a training checkpoint (its
     `adapter/` names the base model) or a run dir (its latest checkpoint)."""
@@ -115,7 +38,7 @@ def resolve_model(model_path: str) -> tuple[str, Path | None]:
             from peft import PeftConfig
 
             return PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path, adapter
-    from .backends.hf import check_model_path, resolve_model_path
+    from .checks import check_model_path, resolve_model_path
     from .config import ModelConfig
     from .gguf_models import gguf_file_of
 
@@ -242,5 +165,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     return 0
 
-
-make_callable(__name__)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .backends import BACKENDS
@@ -28,7 +29,7 @@ from .engines.hf import LEAN_DECODE, MERGE_LORA
 from .engines.vllm import VLLM_LORA_RANKS, max_model_len
 from .errors import UserError
 from .future_kl import STARTS
-from .objective import LOSS_AGG_MODES, MODES, policy_loss
+from .objective import DEFAULT_AGG, LOSS_AGG_MODES, MODES, policy_loss, resolve_clip_high
 from .policy import LEAN_FORWARD
 from .rewards import reward_names
 from .tasks import FORM_TASKS
@@ -100,7 +101,7 @@ class DataConfig:
     train: str = "synthetic:addition3"  # synthetic:NAME, a .jsonl file or a verl-format .parquet file
     val: str = "synthetic:addition3"
     train_size: int = 4096  # synthetic training problems (files: all rows)
-    val_size: int = 64  # held-out prompts (synthetic val draws from a disjoint seed)
+    val_size: int = 64  # held-out prompts (synthetic val draws from a disjoint seed); 0 only with trainer.eval_every=0
     max_prompt_length: int = 512
     shuffle: bool = True
 
@@ -115,7 +116,7 @@ class OverlongConfig:
 @dataclass
 class RewardConfig:
     name: str = "auto"  # auto (by data_source) | exact | dapo_math | boxed | any name given to rewards.register
-    timeout_s: float = 5.0  # a reward call past this scores 0 and is counted
+    timeout_s: float = 5.0  # a reward call past this scores 0 and is counted; <= 0: score in this process, no limit (debugging)
     num_workers: int = 1  # reward processes (a runaway call is killed with its process)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
 
@@ -147,8 +148,8 @@ class AlgorithmConfig:
     mask_dual_clip: bool = _LOSS["mask_dual_clip"]
     invalidate_dual_clipped: bool = _LOSS["invalidate_dual_clipped"]
     loss_agg_mode: Optional[str] = _LOSS["loss_agg_mode"]  # None: the mode's default (objective.DEFAULT_AGG)
-    kl_coef: float = _LOSS["kl_coef"]  # grpo: k3 KL to the frozen reference (the base model without adapter)
-    tis_cap: Optional[float] = None  # truncated importance sampling against sampler log-probs
+    kl_coef: float = _LOSS["kl_coef"]  # > 0: k3 KL to the frozen reference (the base model without adapter), any loss_mode
+    tis_cap: Optional[float] = None  # truncated importance sampling against sampler log-probs (None: off)
     filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
 
 
@@ -176,7 +177,7 @@ class TrainerConfig:
     eval_temperature: float = 1.0  # paper's evaluation protocol: temperature 1.0, top-p 0.7
     eval_top_p: float = 0.7
     save_every: int = 10  # 0: never
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0: keep all
     resume: str = "auto"  # auto | never | PATH to a checkpoint dir
     progress: bool = True
     num_threads: int = 0  # torch CPU threads; 0: leave torch's default
@@ -262,14 +263,44 @@ def _unknown_key_error(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'; closest valid keys: {', '.join(close)}")
 
 
+def _check_sections(base: DictConfig, other: Any, where: str, prefix: str = "") -> None:
+    """A config (and each of its sections) is a mapping: a YAML list, or `trainer: 5`, is named here
+    (OmegaConf's own merge error names neither the key nor the file)."""
+    if not isinstance(other, (dict, DictConfig)):
+        what = f"config section '{prefix[:-1]}'" if prefix else "a config"
+        raise ConfigError(f"{what} must be a mapping of keys to values ({where}), got {_kind(other)}: {_short(other)}")
+    for k, v in other.items():
+        if not isinstance(k, str) or k not in base:  # unknown keys: the merge names them
+            continue
+        b = base[k]
+        if isinstance(b, DictConfig) and v is not None:
+            if not isinstance(v, (dict, DictConfig)):
+                raise ConfigError(f"config key '{prefix}{k}' is a section and must be a mapping of its keys ({where}), "
+                                  f"got {_short(v)}; e.g. '{prefix}{k}: {{{next(iter(b), 'key')}: ...}}'")
+            _check_sections(b, v, where, f"{prefix}{k}.")
+
+
+def _short(value: Any) -> str:
+    text = repr(OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "a list"
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
 def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+    _check_sections(base, other, where)
     try:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = getattr(e, "full_key", None) or str(e)
         raise _unknown_key_error(str(key)) from None
     except ValidationError as e:
-        raise ConfigError(f"bad value for config key '{e.full_key}' ({where}): {e.msg.splitlines()[0]}") from None
+        msg = (e.msg or str(e)).splitlines()[0]
+        raise ConfigError(f"bad value for config key '{e.full_key}' ({where}): {msg}" if e.full_key else f"invalid config ({where}): {msg}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config ({where}): {e}") from None
 
@@ -321,6 +352,19 @@ def derive_defaults(cfg: DictConfig) -> None:
                       "or leave rollout.vllm.quantization unset (a 4-bit trainer's base then reaches vLLM dequantized).", stacklevel=2)
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _usable_dir(path: str) -> bool:
+    """The path is a directory, or can become one: its nearest existing ancestor is a directory."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            return q.is_dir()
+    return True
+
+
 def validate(cfg: DictConfig) -> None:
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
@@ -331,22 +375,65 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}' is {value!r}; valid values: {[a for a in allowed]}")
     t, a, r, v = cfg.trainer, cfg.algorithm, cfg.rollout, cfg.rollout.vllm
     vllm = r.engine == "vllm"
+    ol = cfg.reward.overlong
+    # (key, its value, whether it is allowed, the allowed range): a refused value is named with its key and range.
+    # NaN compares false, so every rule is written as what IS allowed; all of them run before the cross-field
+    # checks below (which may divide by or compare these values).
+    ranges = [
+        ("trainer.train_batch_size", t.train_batch_size, t.train_batch_size >= 1, ">= 1"),
+        ("trainer.ppo_mini_batch_size", t.ppo_mini_batch_size, t.ppo_mini_batch_size >= 1, ">= 1"),
+        ("trainer.micro_batch_size", t.micro_batch_size, t.micro_batch_size >= 1, ">= 1"),
+        ("trainer.total_steps", t.total_steps, t.total_steps >= 0, ">= 0"),
+        ("trainer.ppo_epochs", t.ppo_epochs, t.ppo_epochs >= 1, ">= 1 (epochs over each batch; 0 would train nothing)"),
+        ("trainer.lr", t.lr, _finite(t.lr) and t.lr > 0, "a finite number > 0"),
+        ("trainer.weight_decay", t.weight_decay, _finite(t.weight_decay) and t.weight_decay >= 0, "a finite number >= 0"),
+        ("trainer.grad_clip", t.grad_clip, not math.isnan(t.grad_clip), "a number (<= 0 or inf: no clipping)"),
+        ("trainer.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("trainer.gen_batch_size", t.gen_batch_size, t.gen_batch_size >= 0, ">= 0 (0: 4 x trainer.train_batch_size)"),
+        ("trainer.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0: never)"),
+        ("trainer.save_every", t.save_every, t.save_every >= 0, ">= 0 (0: never)"),
+        ("trainer.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 0, ">= 0 (0: keep all)"),
+        ("trainer.eval_k", t.eval_k, t.eval_k >= 1, ">= 1"),
+        ("trainer.eval_temperature", t.eval_temperature, _finite(t.eval_temperature) and t.eval_temperature > 0, "a finite number > 0"),
+        ("trainer.eval_top_p", t.eval_top_p, 0 < t.eval_top_p <= 1, "in (0, 1]"),
+        ("rollout.n", r.n, r.n >= 1, ">= 1"),
+        ("rollout.max_new_tokens", r.max_new_tokens, r.max_new_tokens >= 1, ">= 1"),
+        ("rollout.top_p", r.top_p, 0 < r.top_p <= 1, "in (0, 1]"),
+        ("rollout.temperature", r.temperature, _finite(r.temperature) and r.temperature > 0, "a finite number > 0"),
+        ("lora.r", cfg.lora.r, cfg.lora.r >= 1, ">= 1"),
+        ("lora.alpha", cfg.lora.alpha, cfg.lora.alpha > 0, "> 0"),
+        ("lora.dropout", cfg.lora.dropout, 0 <= cfg.lora.dropout < 1, "in [0, 1)"),
+        ("lora.target_modules", cfg.lora.target_modules, len(cfg.lora.target_modules) > 0, "a non-empty list of module names"),
+        ("data.train_size", cfg.data.train_size, cfg.data.train_size >= 1, ">= 1"),
+        ("data.val_size", cfg.data.val_size, cfg.data.val_size >= 1 or (cfg.data.val_size == 0 and t.eval_every == 0),
+         ">= 1 (0 only with trainer.eval_every=0: no evaluation)"),
+        ("reward.timeout_s", cfg.reward.timeout_s, _finite(cfg.reward.timeout_s), "a finite number (<= 0: score in this process, no time limit)"),
+        ("reward.num_workers", cfg.reward.num_workers, cfg.reward.num_workers >= 1, ">= 1"),
+        ("reward.overlong.buffer_len", ol.buffer_len, not ol.enable or 0 < ol.buffer_len <= r.max_new_tokens,
+         f"in (0, rollout.max_new_tokens={r.max_new_tokens}] with reward.overlong.enable=true"),
+        ("reward.overlong.penalty_factor", ol.penalty_factor, _finite(ol.penalty_factor) and ol.penalty_factor >= 0, "a finite number >= 0"),
+        ("algorithm.clip_low", a.clip_low, _finite(a.clip_low) and 0 <= a.clip_low < 1, "a finite number in [0, 1)"),
+        ("algorithm.clip_high", a.clip_high, a.clip_high is None or (_finite(a.clip_high) and a.clip_high >= 0),
+         "null (the loss mode's default) or a finite number >= 0"),
+        ("algorithm.dual_clip_c", a.dual_clip_c, _finite(a.dual_clip_c) and a.dual_clip_c > 1, "a finite number > 1"),
+        ("algorithm.tau", a.tau, _finite(a.tau) and a.tau > 0, "a finite number > 0"),
+        ("algorithm.fkl_clip_low", a.fkl_clip_low, _finite(a.fkl_clip_low) and a.fkl_clip_low >= 0, "a finite number >= 0"),
+        ("algorithm.fkl_clip_high", a.fkl_clip_high, _finite(a.fkl_clip_high) and a.fkl_clip_high > 0, "a finite number > 0"),
+        ("algorithm.safety_thresh", a.safety_thresh, _finite(a.safety_thresh) and a.safety_thresh >= 0, "a finite number >= 0"),
+        ("algorithm.window", a.window, a.window == -1 or a.window > 0, "-1 (no window) or > 0"),
+        ("algorithm.kl_coef", a.kl_coef, _finite(a.kl_coef) and a.kl_coef >= 0, "a finite number >= 0 (0: no KL to the reference)"),
+        ("algorithm.tis_cap", a.tis_cap, a.tis_cap is None or (_finite(a.tis_cap) and a.tis_cap > 0), "null (off) or a finite number > 0"),
+        ("algorithm.filter_groups.max_num_gen_batches", a.filter_groups.max_num_gen_batches, a.filter_groups.max_num_gen_batches >= 0,
+         ">= 0 (0: no limit)"),
+    ]
+    for key, value, ok, allowed in ranges:
+        if not ok:
+            raise ConfigError(f"config key '{key}' is {_short(value)}; must be {allowed}")
     checks = [
-        (t.train_batch_size >= 1, "trainer.train_batch_size must be >= 1"),
-        (t.ppo_mini_batch_size >= 1, "trainer.ppo_mini_batch_size must be >= 1"),
         (t.train_batch_size % t.ppo_mini_batch_size == 0, "trainer.train_batch_size must be a multiple of trainer.ppo_mini_batch_size"),
-        (t.micro_batch_size >= 1, "trainer.micro_batch_size must be >= 1"),
-        (t.total_steps >= 0, "trainer.total_steps must be >= 0"),
-        (r.n >= 1, "rollout.n must be >= 1"),
-        (r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
-        (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]"),
-        (r.temperature > 0, "rollout.temperature must be > 0"),
-        (a.dual_clip_c > 1, "algorithm.dual_clip_c must be > 1"),
-        (a.tau > 0, "algorithm.tau must be > 0"),
-        (0 <= a.fkl_clip_low <= a.fkl_clip_high, "need 0 <= algorithm.fkl_clip_low <= algorithm.fkl_clip_high"),
-        (a.window == -1 or a.window > 0, "algorithm.window must be -1 or > 0"),
-        (t.gen_batch_size >= 0, "trainer.gen_batch_size must be >= 0 (0: 4 x trainer.train_batch_size)"),
-        (a.filter_groups.max_num_gen_batches >= 0, "algorithm.filter_groups.max_num_gen_batches must be >= 0 (0: no limit)"),
+        (a.fkl_clip_low <= a.fkl_clip_high, f"need algorithm.fkl_clip_low <= algorithm.fkl_clip_high, got {a.fkl_clip_low} > {a.fkl_clip_high}"),
+        (_usable_dir(cfg.output_dir), f"config key 'output_dir' is {cfg.output_dir!r}; must be a directory (or a path to create one), "
+                                      "not an existing file or a path through one"),
         (not vllm or cfg.lora.enable, "rollout.engine=vllm samples with the policy's LoRA adapter and needs lora.enable=true "
                                        "(full fine-tuning cannot hand its weights to vLLM; use rollout.engine=hf)"),
         (not vllm or not cfg.lora.enable or cfg.lora.r <= v.max_lora_rank,
@@ -369,6 +456,20 @@ def gen_batch_size(cfg: DictConfig) -> int:
     if not cfg.algorithm.filter_groups.enable:
         return t.train_batch_size
     return t.gen_batch_size or 4 * t.train_batch_size
+
+
+def resolve_loss_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat config ({dotted key: value}, every key present) with the loss's null defaults replaced by
+    what the loss uses: algorithm.clip_high (objective.resolve_clip_high) and algorithm.loss_agg_mode
+    (objective.DEFAULT_AGG). A resume compares these, so null and the value it stands for are one config."""
+    out = dict(flat)
+    mode = out.get("algorithm.loss_mode")
+    if mode in MODES:
+        if out.get("algorithm.clip_high") is None and out.get("algorithm.clip_low") is not None:
+            out["algorithm.clip_high"] = resolve_clip_high(mode, out["algorithm.clip_low"], None)
+        if out.get("algorithm.loss_agg_mode") is None:
+            out["algorithm.loss_agg_mode"] = DEFAULT_AGG[mode]
+    return out
 
 
 def policy_loss_kwargs(cfg: DictConfig) -> dict[str, Any]:

@@ -21,6 +21,13 @@ _FKL_EXP_CAP = 80.0  # exp(FutureKL) is reported saturated at e**80 (only the me
 CLIP_HIGH = 0.28  # DAPO's clip-higher: the token clip's upper range for fipo/dapo (grpo: symmetric)
 
 
+def resolve_clip_high(mode: str, clip_low: float, clip_high: float | None) -> float:
+    """clip_high as the loss uses it: None is CLIP_HIGH for fipo/dapo and clip_low (symmetric) for grpo."""
+    if clip_high is not None:
+        return clip_high
+    return clip_low if mode == "grpo" else CLIP_HIGH
+
+
 def aggregate(loss_mat: torch.Tensor, keep: torch.Tensor, mode: str, *, denominator: float | None = None, max_response_length: int | None = None) -> torch.Tensor:
     """Reduce a [B, L] token loss over the kept tokens (spec section 7).
 
@@ -183,8 +190,8 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy-gradient loss with FIPO's Future-KL influence weights.
 
-    mode: "fipo" (spec 4-7), "dapo" (f = 1, no invalidation) or "grpo" (symmetric clip,
-    optional k3 KL to `ref_logp` with `kl_coef`). clip_high defaults to CLIP_HIGH for fipo/dapo and to
+    mode: "fipo" (spec 4-7), "dapo" (f = 1, no invalidation) or "grpo" (symmetric clip). In every
+    mode, `ref_logp` with `kl_coef` > 0 adds a k3 KL to the reference (verl's use_kl_loss, spec 8). clip_high defaults to CLIP_HIGH for fipo/dapo and to
     clip_low (symmetric) for grpo; loss_agg_mode defaults to token-mean (fipo/dapo) or
     seq-mean-token-mean (grpo). `mask_dual_clip=False` lets ratios above c into the Future-KL
     sums and `invalidate_dual_clipped=False` keeps sequences with several dual-clipped tokens
@@ -212,8 +219,7 @@ def policy_loss(
         check_tensor("ref_logp", ref_logp, shape)
     if is_weights is not None:
         check_tensor("is_weights", is_weights, shape)
-    if clip_high is None:
-        clip_high = clip_low if mode == "grpo" else CLIP_HIGH
+    clip_high = resolve_clip_high(mode, clip_low, clip_high)
 
     dtype = torch.promote_types(logp.dtype, torch.float32)  # bf16/fp16 in, float32 math
     logp_c, old = logp.to(dtype), old_logp.detach().to(dtype)

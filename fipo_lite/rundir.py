@@ -33,7 +33,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
-from .config import RESUME_SAFE_KEYS, RunConfig
+from .config import RESUME_SAFE_KEYS, RunConfig, resolve_loss_defaults
 from .errors import UserError
 
 LOCK_FILE = "run.lock"
@@ -117,11 +117,14 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict, new: dict) -> dict[str, list]:
-    """{key: [old, new]} for every leaf that differs; a key missing on one side counts as its default."""
+    """{key: [old, new]} for every leaf that differs; a key missing on one side counts as its default, and
+    a null loss default (algorithm.clip_high, loss_agg_mode) as the value the loss resolves it to."""
     defaults = _flat(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
     a, b = _flat(old), _flat(new)
-    return {k: [a.get(k, defaults.get(k)), b.get(k, defaults.get(k))]
-            for k in sorted(set(a) | set(b)) if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))}
+    keys = sorted(set(a) | set(b))
+    a = resolve_loss_defaults({k: a.get(k, defaults.get(k)) for k in keys})
+    b = resolve_loss_defaults({k: b.get(k, defaults.get(k)) for k in keys})
+    return {k: [a[k], b[k]] for k in keys if a[k] != b[k]}
 
 
 def _fmt(changes: dict[str, list]) -> str:

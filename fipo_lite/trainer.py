@@ -248,7 +248,7 @@ def ppo_update(policy: Policy, optimizer, samples: list[Sample], n: int, cfg: Di
                     ent_sum += float((ent * batch.response_mask.to(ent.device)).sum())
                     ent_count += int(batch.response_mask.sum())
                 ref = None
-                if a.loss_mode == "grpo" and a.kl_coef:
+                if a.kl_coef > 0:  # a KL to the reference is a property of the loss, not of the mode (verl's use_kl_loss)
                     with torch.no_grad(), policy.reference():
                         ref, _ = policy.logprobs(batch)
                 is_w = None

@@ -203,6 +203,17 @@ def test_baselines_run(tiny_warm_model_dir, tmp_path, mode):
         assert row[M.NUM_GEN_BATCHES] == 1 and "actor/kl_ref" in row
 
 
+@pytest.mark.parametrize("mode", ["fipo", "dapo"])
+def test_kl_coef_applies_in_every_mode(tiny_warm_model_dir, tmp_path, mode):
+    """algorithm.kl_coef > 0 adds the KL to the reference whatever the loss (verl's use_kl_loss, spec 8):
+    the trainer computes the reference log-probs and the loss logs actor/kl_ref (it was grpo only)."""
+    out = tmp_path / mode
+    train(_cfg(tiny_warm_model_dir, out, **{"algorithm.loss_mode": mode, "algorithm.kl_coef": 0.01, "trainer.total_steps": 1,
+                                              "trainer.eval_every": 0, "trainer.save_every": 0, "algorithm.filter_groups.enable": False}))
+    row = _rows(out)[-1]
+    assert "actor/kl_ref" in row and row["actor/kl_ref"] >= 0
+
+
 def test_bad_config_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"trainer\.total_steps"):
         load_config(None, ["trainer.total_step=3"])

@@ -327,6 +327,16 @@ def make_optimizer(params, cfg):
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
+def apply_optimizer_config(optimizer, scheduler, t) -> None:
+    """Restored optimizer and scheduler states carry the lr and weight decay they were saved with;
+    the config's win (a resume allowed to change them must train with the new values)."""
+    for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = t.lr, t.weight_decay
+        group["lr"] = t.lr * lam(scheduler.last_epoch)
+    scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def train(cfg: DictConfig) -> dict:
     """Run (or resume) a training run; returns the last step's metrics. The output directory is held
     by this run alone, and a resume must continue the same experiment (see rundir.py)."""
@@ -369,6 +379,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         checkpoint.load_adapter(resume_from, model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_config(optimizer, scheduler, t)  # a changed trainer.lr / weight_decay takes effect
         stream.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
         start = state["step"]

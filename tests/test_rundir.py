@@ -162,6 +162,8 @@ def test_allowed_and_opted_in_changes_are_recorded(tiny_model_dir, finished, tmp
     assert len(hist) == 2 and hist[1]["step"] == 3 and hist[1]["allowed_by"] == "trainer.allow_config_change"
     assert hist[1]["changes"]["trainer.lr"] == [0.0003, 0.001]
     assert _steps(out) == [1, 2, 3, 4]
+    rows = M.read_jsonl(out / "metrics.jsonl")
+    assert rows[2]["actor/lr"] == pytest.approx(0.0003) and rows[3]["actor/lr"] == pytest.approx(0.001)  # applied, not only recorded
     # the newest checkpoint was trained with the new lr: resuming with it needs no opt-in any more
     assert main(_args(tiny_model_dir, out, **dict(a.split("=") for a in lr))) == 0
     assert (out / "config.yaml").read_text() == original  # the run's start is never rewritten

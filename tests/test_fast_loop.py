@@ -51,6 +51,29 @@ def test_merged_sampler_samples_the_live_policy_and_follows_sync(tiny_model_dir)
     assert not torch.equal(base_w, engine.sampler.model.layers[0].self_attn.q_proj.weight)  # the training weights stay unmerged
 
 
+@torch.no_grad()
+def test_merged_sampler_with_lora_on_a_tied_lm_head(tiny_model_dir):
+    """The tiny model (like SmolLM2) ties lm_head to embed_tokens: merging W + BA into the copy's head
+    must not change its input embeddings too (the gap was 0.6 nats when it did)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fipo_lite.backends.hf import load_tokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # tied
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=[*TARGETS, "lm_head"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    tok = load_tokenizer(str(tiny_model_dir))
+    engine = HFEngine(model, tok, merge_lora="true")
+    emb = engine.sampler.get_input_embeddings().weight
+    assert torch.equal(emb, model.get_base_model().get_input_embeddings().weight)  # the embeddings are not merged into
+    assert _gap(Policy(model, tok), engine.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=24, logprobs=True))) < 1e-5
+
+
 def test_auto_merges_only_cpu_float_lora_models(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

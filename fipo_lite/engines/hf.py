@@ -55,6 +55,8 @@ class HFEngine:
                 parent_name, _, child = name.rpartition(".")
                 parent = self.sampler.get_submodule(parent_name)
                 plain = getattr(parent, child).base_layer
+                # its own tensor: a tied weight (lm_head and embed_tokens) would carry W + BA into the other module too
+                plain.weight = torch.nn.Parameter(plain.weight.detach().clone(), requires_grad=False)
                 setattr(parent, child, plain)
                 self._merged.append((layer, plain))
             self.sync(None)

@@ -164,6 +164,12 @@ class LeanDecoder:
             self._versions = versions
         return self._fused
 
+    def invalidate(self) -> None:
+        """Rebuild the fused weights at the next step. An optimizer that updates in place without
+        moving `_version` (torch's fused AdamW on CPU) leaves the version check blind, so the engine
+        calls this after every update."""
+        self._versions = None
+
     @staticmethod
     def _fuse(layer) -> tuple:
         q, k, v, o, gate, up, down = _projections(layer)

@@ -74,6 +74,29 @@ def test_merged_sampler_with_lora_on_a_tied_lm_head(tiny_model_dir):
     assert _gap(Policy(model, tok), engine.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=24, logprobs=True))) < 1e-5
 
 
+def test_lean_decoder_follows_an_in_place_update_of_plain_weights(tiny_model_dir):
+    """Full fine-tuning (no adapter): torch's fused AdamW on CPU updates the weights in place without
+    moving their version counter, so the lean decoder's fused q|k|v and gate|up must be rebuilt at sync."""
+    from transformers import AutoModelForCausalLM
+
+    from fipo_lite.backends.hf import load_tokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir), load_tokenizer(str(tiny_model_dir))
+    engine, policy = HFEngine(model, tok, lean_decode="true"), Policy(model, tok)
+    params = SamplingParams(n=4, max_new_tokens=16, logprobs=True)
+    with torch.no_grad():
+        assert _gap(policy, engine.generate(PROMPTS, params)) < 1e-5
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in model.parameters()]
+    opt.step()
+    engine.sync(policy)
+    with torch.no_grad():
+        gap = _gap(policy, engine.generate(PROMPTS, params))
+    assert gap < 1e-5, f"the sampler kept the weights from before the update (gap {gap:.3g}; versions moved: {versions != [p._version for p in model.parameters()]})"
+
+
 def test_auto_merges_only_cpu_float_lora_models(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

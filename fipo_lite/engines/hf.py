@@ -170,7 +170,10 @@ class HFEngine:
     @torch.no_grad()
     def sync(self, policy) -> None:
         """Without a merged copy, nothing: sampling uses the training model's live weights. With
-        one, rebuild each merged weight from the base weight and the current adapter."""
+        one, rebuild each merged weight from the base weight and the current adapter. Either way the
+        lean decode step re-fuses its weights (full fine-tuning updates them in place)."""
+        if getattr(self, "lean", None) is not None:  # (the first sync runs in __init__, before the decoder exists)
+            self.lean.invalidate()
         if self.sampler is None:
             return
         for layer, plain in self._merged:

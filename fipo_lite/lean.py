@@ -66,6 +66,8 @@ def train_unsupported(model) -> str | None:
     reason = _architecture_unsupported(base)
     if reason:
         return reason
+    if getattr(base.config, "attention_dropout", 0.0):
+        return "attention dropout (config.attention_dropout > 0; the lean forward has none)"
     body = _body(base)
     if type(body.embed_tokens) is not torch.nn.Embedding:
         return "an adapted or trainable embedding"
@@ -174,7 +176,7 @@ class LeanDecoder:
     def _fuse(layer) -> tuple:
         q, k, v, o, gate, up, down = _projections(layer)
         return (torch.cat([q.weight, k.weight, v.weight]), _cat_bias((q, k, v)), torch.cat([gate.weight, up.weight]),
-                o.weight.t(), o.bias, down.weight.t(), down.bias)  # transposed views: addmm's operand order
+                _cat_bias((gate, up)), o.weight.t(), o.bias, down.weight.t(), down.bias)  # transposed views: addmm's operand order
 
     @torch.no_grad()
     def prefill(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -240,7 +242,7 @@ class LeanDecoder:
             cos, sin = self.body.rotary_emb(h, positions.unsqueeze(-1))
             sin = _signed_sin(sin)
         bias = self.bias[..., : T + 1].view(B * kvh, 1, T + 1)
-        for layer, (w_qkv, b_qkv, w_gu, w_o, b_o, w_down, b_down), kc, vc in zip(self.body.layers, self.fused, self.k, self.v):
+        for layer, (w_qkv, b_qkv, w_gu, b_gu, w_o, b_o, w_down, b_down), kc, vc in zip(self.body.layers, self.fused, self.k, self.v):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = F.linear(_norm(layer.input_layernorm, h), w_qkv, b_qkv)
             qk = _rotate(_qk(attn, qkv, heads, kvh, d), cos, sin)  # q and k heads rotated together
@@ -252,7 +254,7 @@ class LeanDecoder:
             probs = scores.softmax(-1) if scores.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(q.dtype)
             o = torch.bmm(probs, vc[:, :, : T + 1].view(B * kvh, T + 1, d))
             h = _add_linear(h, o.view(B, heads * d), w_o, b_o)
-            gate, up = F.linear(_norm(layer.post_attention_layernorm, h), w_gu).chunk(2, dim=-1)
+            gate, up = F.linear(_norm(layer.post_attention_layernorm, h), w_gu, b_gu).chunk(2, dim=-1)  # Llama mlp_bias
             h = _add_linear(h, _act(mlp, gate) * up, w_down, b_down)
         self.T = T + 1
         return self.lm_head(_norm(self.body.norm, h))

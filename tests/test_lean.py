@@ -133,6 +133,24 @@ def test_decode_steps_match_the_forward(arch, monkeypatch):
 
 
 @torch.no_grad()
+def test_decode_steps_with_mlp_biases():
+    """Llama with mlp_bias=True: the gate and up biases enter every decode step, not only the prefill."""
+    model = _model("llama", mlp_bias=True)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            torch.nn.init.normal_(p, std=0.5)
+    assert model.model.layers[0].mlp.gate_proj.bias is not None
+    decoder = lean.LeanDecoder(model)
+    seq = [5, 6, 7]
+    logits = decoder.prefill(torch.tensor([seq]), torch.ones(1, 3, dtype=torch.long), torch.arange(3)[None], 4)
+    for t in range(4):
+        want = model(input_ids=torch.tensor([seq])).logits[:, -1]
+        assert (logits - want).abs().max() < 1e-5, t
+        seq.append(8 + t)
+        logits = decoder.step(torch.tensor([8 + t]), torch.tensor([len(seq) - 1]))
+
+
+@torch.no_grad()
 def test_lean_decoder_follows_weight_changes():
     """Its fused q|k|v and gate|up weights are rebuilt when a source weight changes in place."""
     model = _model("qwen2")
@@ -155,6 +173,7 @@ def test_what_the_lean_paths_do_not_compute_is_named():
     assert "DoRA" in lean.train_unsupported(_lora(_model("qwen2"), use_dora=True))
     assert "trainable base" in lean.train_unsupported(_lora(_model("qwen2"), bias="all"))
     assert "no peft" in lean.train_unsupported(_model("qwen2"))
+    assert "attention dropout" in lean.train_unsupported(_lora(_model("qwen2", attention_dropout=0.1)))
     assert "peft" in lean.decode_unsupported(_lora(_model("qwen2")))
     assert "sliding" in lean.decode_unsupported(_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0))
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))

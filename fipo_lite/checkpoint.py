@@ -149,8 +149,20 @@ def verify(ckpt_dir: str | Path) -> None:
         return  # written before manifests: the loaders below still catch what they can
     try:
         files = json.loads(mf.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {d}: unreadable {MANIFEST_FILE} ({e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {d}: unreadable {MANIFEST_FILE} ({type(e).__name__}: {e})") from None
+    if not isinstance(files, dict) or not all(isinstance(w, dict) and isinstance(w.get("size"), int) and isinstance(w.get("sha256"), str)
+                                              for w in files.values()):
+        raise CheckpointError(f"checkpoint {d}: malformed {MANIFEST_FILE}: 'files' must map each file name to its size and sha256")
+    root = d.resolve()
+    for name in files:  # entries name files of this checkpoint, nothing outside it
+        if Path(name).is_absolute() or ".." in Path(name).parts or root not in (root / name).resolve().parents:
+            raise CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} names {name!r}, outside the checkpoint")
+    # every file the loaders read must be vouched for: an unlisted file is not trusted
+    unlisted = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
+                      and p.relative_to(d).as_posix() not in files)
+    if unlisted:
+        raise CheckpointError(f"checkpoint {d}: {', '.join(unlisted[:3])} not in its {MANIFEST_FILE} (added or manifest rewritten)")
     for name, want in files.items():
         p = d / name
         if not p.is_file():

@@ -323,3 +323,35 @@ def test_kill_9_while_a_checkpoint_is_written(tiny_model_dir, tmp_path, capsys):
     assert "resumed from" in err and "step_000001 at step 1" in err
     assert _steps(out) == [1, 2, 3]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001", "step_000002", "step_000003"]
+
+
+def test_manifest_entries_stay_inside_and_cover_every_file(finished, tmp_path):
+    """A manifest cannot vouch for a file outside its checkpoint, and a file it does not list (e.g. the
+    adapter after its entry was removed) is not trusted; a malformed manifest is one CheckpointError."""
+    out = _copy(finished, tmp_path / "run")
+    ckpt = out / "checkpoints" / "step_000002"
+    mf = ckpt / checkpoint.MANIFEST_FILE
+    good = json.loads(mf.read_text())
+    checkpoint.verify(ckpt)
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the checkpoint")
+    m = json.loads(json.dumps(good))
+    m["files"][os.path.relpath(outside, ckpt)] = {"size": outside.stat().st_size, "sha256": checkpoint._sha256(outside)}
+    mf.write_text(json.dumps(m))
+    with pytest.raises(checkpoint.CheckpointError, match="outside the checkpoint"):
+        checkpoint.verify(ckpt)
+
+    m = json.loads(json.dumps(good))
+    adapter = next(k for k in m["files"] if k.endswith("adapter_model.safetensors"))
+    del m["files"][adapter]
+    mf.write_text(json.dumps(m))
+    with pytest.raises(checkpoint.CheckpointError, match="not in its manifest"):
+        checkpoint.verify(ckpt)
+
+    for files in ([], {checkpoint.STATE_FILE: {"sha256": "x"}}):
+        mf.write_text(json.dumps({**good, "files": files}))
+        with pytest.raises(checkpoint.CheckpointError, match="malformed"):
+            checkpoint.verify(ckpt)
+    mf.write_text(json.dumps(good))
+    checkpoint.verify(ckpt)

@@ -256,7 +256,12 @@ def load_adapter(ckpt_dir: str | Path, model) -> None:
             for f in files:
                 sd.update(load_file(str(f)))
             model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # size mismatch: the model was built with another shape than the checkpoint
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError (truncated file), a size mismatch (RuntimeError), ...
+        if type(e).__name__ == "SafetensorError" or not isinstance(e, RuntimeError):
+            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot read its adapter weights ({type(e).__name__}: {str(e)[:200]})") from None
+        # size mismatch: the model was built with another shape than the checkpoint
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else "")
         raise CheckpointError(f"checkpoint {ckpt_dir} does not fit the model of this config: {detail[:300]}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -96,14 +97,20 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics file. A last line cut short (the process was killed while appending it:
+    no newline after it) is dropped with a warning; a bad line anywhere else is an error."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i + 1} is not valid JSON: {e}") from None
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # the unterminated last line
+                warnings.warn(f"{path}: dropped its last line, cut short ({len(line)} characters without a newline)", stacklevel=2)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON: {e}") from None
     return rows

@@ -355,3 +355,28 @@ def test_manifest_entries_stay_inside_and_cover_every_file(finished, tmp_path):
             checkpoint.verify(ckpt)
     mf.write_text(json.dumps(good))
     checkpoint.verify(ckpt)
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "loss": 0.')  # killed while appending step 3
+    with pytest.warns(UserWarning, match="cut short"):
+        assert M.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # damage inside the file is an error
+    with pytest.raises(ValueError, match="line 2"):
+        M.read_jsonl(path)
+
+
+def test_old_format_checkpoint_with_a_truncated_adapter_is_one_error(tiny_model_dir, finished, tmp_path):
+    """No manifest to catch it (written before manifests): the loader names the damage, no SafetensorError traceback."""
+    out = _copy(finished, tmp_path / "run")
+    ckpt = out / "checkpoints" / "step_000002"
+    (ckpt / checkpoint.MANIFEST_FILE).unlink()
+    adapter = ckpt / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    from fipo_lite.config import load_config
+    from fipo_lite.backends import load_model
+
+    model, _ = load_model(load_config(None, [f"model.path={tiny_model_dir}", "model.device=cpu"]))
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read its adapter weights"):
+        checkpoint.load_adapter(ckpt, model)

@@ -88,6 +88,9 @@ def train_unsupported(model) -> str | None:
                 return "LoRA dropout (lora.dropout > 0)"
             if p.lora_variant.get(name) is not None or p.lora_B[name].bias is not None:
                 return "a LoRA variant (DoRA) or LoRA bias"
+            if p.lora_A[name].weight.dtype != p.base_layer.weight.dtype:
+                return (f"base weights in {p.base_layer.weight.dtype} with adapters in {p.lora_A[name].weight.dtype} "
+                        "(e.g. model.dtype=bfloat16: peft keeps adapters in float32)")
     return None
 
 

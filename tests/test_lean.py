@@ -174,6 +174,7 @@ def test_what_the_lean_paths_do_not_compute_is_named():
     assert "trainable base" in lean.train_unsupported(_lora(_model("qwen2"), bias="all"))
     assert "no peft" in lean.train_unsupported(_model("qwen2"))
     assert "attention dropout" in lean.train_unsupported(_lora(_model("qwen2", attention_dropout=0.1)))
+    assert "adapters in torch.float32" in lean.train_unsupported(_lora(_model("qwen2").to(torch.bfloat16)))
     assert "peft" in lean.decode_unsupported(_lora(_model("qwen2")))
     assert "sliding" in lean.decode_unsupported(_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0))
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))

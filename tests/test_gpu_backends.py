@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import sys
 import types
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +23,7 @@ from fipo_lite.backends import bnb4, unsloth as unsloth_backend
 from fipo_lite.config import load_config
 from fipo_lite.engines import vllm as vllm_engine
 from fipo_lite.engines.base import SamplingParams
+from fipo_lite.errors import UserError
 
 VLLM_LLM_KWARGS = {  # LLM.__init__ parameters + EngineArgs fields it forwards (vllm 0.33.0)
     "model", "tokenizer", "dtype", "seed", "trust_remote_code", "gpu_memory_utilization", "max_model_len", "enable_prefix_caching",
@@ -41,6 +43,10 @@ def _has(pkg):
 def _cfg(*overrides):
     return load_config(None, ["rollout.engine=vllm", "rollout.max_new_tokens=1024", "data.max_prompt_length=512",
                               "rollout.vllm.max_model_len=2048", *overrides])
+
+
+# the engine tests' sizes: within the tiny model's 512-token context (vLLM refuses more, and so does the engine)
+TINY_CONTEXT = ("rollout.vllm.max_model_len=0", "rollout.max_new_tokens=64", "data.max_prompt_length=64")
 
 
 # ----------------------------------------------------------------------------- vLLM argument mapping
@@ -160,7 +166,7 @@ class SavingPolicy:
 
 def test_vllm_engine_adapter_handoff_and_sleep(fake_vllm, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(vllm_engine, "_cuda", lambda cuda: True)  # sleep mode is CUDA-only
-    cfg = _cfg(f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.vllm.sleep_level=2")
+    cfg = _cfg(*TINY_CONTEXT, f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.vllm.sleep_level=2")
     eng = vllm_engine.VLLMEngine(cfg, tokenizer=None)
     assert eng.llm.kwargs["model"] == str(tiny_model_dir) and eng.llm.kwargs["enable_lora"]
     ro = eng.generate([[3, 4], [6]], SamplingParams(n=2, max_new_tokens=5, logprobs=True))
@@ -177,7 +183,7 @@ def test_vllm_engine_adapter_handoff_and_sleep(fake_vllm, tiny_model_dir, tmp_pa
 
 
 def test_vllm_engine_without_sleep_mode(fake_vllm, tiny_model_dir, tmp_path):
-    eng = vllm_engine.VLLMEngine(_cfg(f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.vllm.enable_sleep_mode=false"), None)
+    eng = vllm_engine.VLLMEngine(_cfg(*TINY_CONTEXT, f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "rollout.vllm.enable_sleep_mode=false"), None)
     eng.generate([[1]], SamplingParams(max_new_tokens=1))
     eng.sleep()
     eng.wake()
@@ -271,6 +277,17 @@ def test_gpu_measure_dry_run(tmp_path):
 def test_vllm_engine_hands_vllm_absolute_adapter_paths(fake_vllm, tiny_model_dir, tmp_path, monkeypatch):
     """vLLM resolves a relative LoRA path against its own working directory, then tries the hub."""
     monkeypatch.chdir(tmp_path)
-    eng = vllm_engine.VLLMEngine(_cfg(f"model.path={tiny_model_dir}", "output_dir=runs/relative"), None)
+    eng = vllm_engine.VLLMEngine(_cfg(*TINY_CONTEXT, f"model.path={tiny_model_dir}", "output_dir=runs/relative"), None)
     eng.sync(SavingPolicy())
     assert eng.lora_request.path == str(tmp_path / "runs" / "relative" / "rollout_adapters" / "v000001")
+
+
+def test_vllm_context_longer_than_the_model_is_one_error(fake_vllm, tiny_model_dir, tmp_path):
+    """A derived max_model_len beyond max_position_embeddings: named before vLLM starts (it would raise a
+    pydantic traceback), with the keys to change."""
+    limit = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    cfg = _cfg("rollout.vllm.max_model_len=0", f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", "data.max_prompt_length=64", f"rollout.max_new_tokens={limit}")
+    with pytest.raises(UserError, match=r"data.max_prompt_length \+ rollout.max_new_tokens = 64 \+ \d+ = \d+ exceeds the model's context"):
+        vllm_engine.VLLMEngine(cfg, tokenizer=None)
+    cfg = _cfg("rollout.vllm.max_model_len=0", f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", f"rollout.max_new_tokens={limit - 64}", "data.max_prompt_length=64")
+    assert vllm_engine.VLLMEngine(cfg, tokenizer=None).llm.kwargs["max_model_len"] == limit  # exactly the context is fine

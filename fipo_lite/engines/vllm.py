@@ -79,6 +79,24 @@ def max_model_len(cfg) -> int:
     return cfg.rollout.vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
 
 
+def check_context_fits(length: int, model_path: str, cfg) -> None:
+    """vLLM refuses a max_model_len beyond the model's context with a long pydantic traceback; say
+    which keys make it that long before vLLM starts."""
+    import json
+
+    config = Path(model_path) / "config.json"
+    if not config.is_file():  # a hub name: vLLM checks it itself
+        return
+    limit = json.loads(config.read_text()).get("max_position_embeddings")
+    if isinstance(limit, int) and length > limit:
+        from fipo_lite.errors import UserError
+
+        how = (f"rollout.vllm.max_model_len={cfg.rollout.vllm.max_model_len}" if cfg.rollout.vllm.max_model_len else
+               f"data.max_prompt_length + rollout.max_new_tokens = {cfg.data.max_prompt_length} + {cfg.rollout.max_new_tokens}")
+        raise UserError(f"{how} = {length} exceeds the model's context (max_position_embeddings {limit} in {config}); "
+                        "lower data.max_prompt_length or rollout.max_new_tokens, or set rollout.vllm.max_model_len to at most that")
+
+
 def rollout_from_outputs(outputs, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
     """vLLM `RequestOutput`s (one per prompt, in order) -> a prompt-major `Rollout`.
 
@@ -141,6 +159,7 @@ class VLLMEngine:
                     dtype = cfg.rollout.vllm.dtype if cfg.rollout.vllm.dtype in ("float32", "bfloat16", "float16") else cfg.model.dtype
                     path = str(dequantized_base(model, tokenizer, path, cfg.model.cache_dir, dtype))
             kwargs = vllm_llm_kwargs(cfg, path)
+            check_context_fits(kwargs["max_model_len"], path, cfg)
             self.llm = LLM(**kwargs)
             self._generate = self.llm.generate
             self.can_sleep = kwargs["enable_sleep_mode"]

@@ -166,10 +166,31 @@ def test_stock_command_carries_the_same_settings(capsys, monkeypatch):
     expected.pop("_entry")
     module, printed = _printed_command(capsys, monkeypatch, "stock")
     assert module == "verl.trainer.main_ppo"
-    knobs = json.loads(printed[f"+ray_kwargs.ray_init.runtime_env.env_vars.{plugin.ENV}"])
+    knobs = json.loads(printed[f"+ray_kwargs.ray_init.runtime_env.env_vars.{plugin.ENV}"].strip("'"))  # in Hydra's quotes
     for key, value in expected.items():
         if key.startswith("+actor_rollout_ref.actor.policy_loss."):
             assert _same(str(knobs[key.rsplit(".", 1)[1]]), value), key
         else:
             assert _same(printed[plugin.STOCK_KEYS.get(key, key)], value), key
     assert printed["+reward.reward_kwargs.max_resp_len"] == "20480"
+
+
+def test_printed_command_parses_with_hydras_own_override_parser(capsys, monkeypatch):
+    """What the shell hands verl's main_ppo after the printed command is pasted: Hydra 1.3's parser must
+    read every word, and the knobs variable must arrive as the JSON text (a bare {"k": v} is a parse error)."""
+    pytest.importorskip("hydra", reason="hydra-core (verl's config system) is not installed")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = load_config(ROOT / "configs" / "qwen2.5-32b.yaml")
+    monkeypatch.setattr("fipo_lite.config.load_config", lambda *a, **k: cfg)
+    assert plugin.main(["--config", "unused.yaml", "--target", "stock"]) == 0
+    words = shlex.split(capsys.readouterr().out.replace("\\\n", " "))[3:]
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(words)}
+    env = parsed[f"ray_kwargs.ray_init.runtime_env.env_vars.{plugin.ENV}"]
+    assert isinstance(env, str) and json.loads(env) == plugin.recipe_knobs(cfg)
+    assert parsed["actor_rollout_ref.actor.policy_loss.loss_mode"] == "future_kl"
+
+
+def test_an_influence_clip_of_one_is_refused_not_printed_as_no_clip():
+    with pytest.raises(ValueError, match="no clipping at all"):
+        plugin.recipe_knobs(load_config(ROOT / "configs" / "tiny_cpu.yaml", ["algorithm.fkl_clip_low=1.0", "algorithm.fkl_clip_high=1.0"]))

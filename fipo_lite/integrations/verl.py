@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import Any, Optional
 
@@ -125,6 +126,9 @@ def recipe_knobs(cfg) -> dict[str, Any]:
     if a.loss_mode != "fipo":
         raise ValueError(f"the verl plug-in is the FIPO loss; algorithm.loss_mode is {a.loss_mode!r} "
                          "(use verl's own 'vanilla' loss for DAPO/GRPO)")
+    if a.fkl_clip_low == a.fkl_clip_high == 1.0:
+        raise ValueError("influence clip [1.0, 1.0] (f = 1: FIPO reduced to DAPO) has no upstream equivalent: the release "
+                         "reads future_kl_clip_ratio=0 as no clipping at all; for that control run verl's 'vanilla' loss")
     if a.fkl_clip_low == 0.0 and a.fkl_clip_high == 10.0:
         ratio, high_only = 0.0, True
     elif a.fkl_clip_low == 1.0:
@@ -240,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"python3 -m {ENTRY[args.target]} \\\n    " + " \\\n    ".join(lines))
+    # shell-quoted: after the shell, Hydra gets each override as written (the knobs' JSON inside Hydra's quotes)
+    print(f"python3 -m {ENTRY[args.target]} \\\n    " + " \\\n    ".join(shlex.quote(x) for x in lines))
     return 0
 
 

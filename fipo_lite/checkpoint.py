@@ -23,6 +23,7 @@ import pickle
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,30 @@ def pick(ckpt_root: str | Path) -> tuple[Path, dict[str, Any]] | None:
         raise CheckpointError(f"no usable checkpoint in {ckpt_root}: all {len(found)} are damaged (newest: {problems[0]}); "
                               "trainer.resume=never starts the run over (deleting them)")
     return None
+
+
+ABANDONED_DIR = "abandoned"  # checkpoints of a branch a rollback left: kept, never resumed from or pruned
+
+
+def set_aside_after(ckpt_root: str | Path, resumed: str | Path) -> list[Path]:
+    """A run resumed from `resumed` (an earlier checkpoint of this run: a rollback) continues a new
+    branch: the checkpoints of later steps belong to the branch it left. Move them to
+    `checkpoints/abandoned/<time>/`, where neither the resume, the pruning nor `evaluate RUN` picks
+    them, and point `latest` at the resumed checkpoint. Nothing is deleted."""
+    root, resumed = Path(ckpt_root), Path(resumed)
+    if resumed.parent.resolve() != root.resolve():
+        return []  # a checkpoint of another run: this run's own history is not a branch of it
+    later = [c for c in candidates(root) if c.name > resumed.name]
+    if not later:
+        return []
+    dest = root / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for c in later:
+        os.replace(c, dest / c.name)
+        moved.append(dest / c.name)
+    write_atomic(root / "latest", resumed.name + "\n")
+    return moved
 
 
 def find_latest(ckpt_root: str | Path) -> Path | None:

@@ -383,6 +383,10 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         stream.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
         start = state["step"]
+        moved = checkpoint.set_aside_after(ckpt_root, resume_from)  # a rollback: the later steps are another branch
+        if moved:
+            print(f"[fipo_lite] checkpoints after step {start} belong to the branch this resume leaves: moved to {moved[0].parent}",
+                  file=sys.stderr)
         engine.sync(policy)  # the sampler starts from the restored adapter, not from the base model
         # drop metrics of steps after the checkpoint: they are about to be redone
         kept = [row for row in M.read_jsonl(metrics_path) if row.get(M.STEP, 0) <= start] if metrics_path.exists() else []

@@ -380,3 +380,28 @@ def test_old_format_checkpoint_with_a_truncated_adapter_is_one_error(tiny_model_
     model, _ = load_model(load_config(None, [f"model.path={tiny_model_dir}", "model.device=cpu"]))
     with pytest.raises(checkpoint.CheckpointError, match="cannot read its adapter weights"):
         checkpoint.load_adapter(ckpt, model)
+
+
+def test_a_rollback_is_not_undone_by_a_later_auto_resume(tiny_model_dir, tmp_path, capsys):
+    """resume=PATH to step 2 of a 4-step run, train to 3, then resume=auto: the run continues the new
+    branch (not the abandoned step 4), pruning keeps the new branch, and the old steps are kept aside."""
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, out, **{"trainer.total_steps": 4, "trainer.keep_checkpoints": 2})) == 0
+    ckpts = out / "checkpoints"
+    lr_of = lambda c: checkpoint.read_config(c)["trainer"]["lr"]  # noqa: E731 - which branch a checkpoint is on
+    assert lr_of(ckpts / "step_000004") == 3e-4
+    # keep_checkpoints=2 pruned step 2: roll back to step 3 instead, then train two new steps (4, 5)
+    assert main(_args(tiny_model_dir, out, **{"trainer.total_steps": 4, "trainer.keep_checkpoints": 2,
+                                              "trainer.resume": ckpts / "step_000003", "trainer.lr": 1e-2,
+                                              "trainer.allow_config_change": "true"})) == 0
+    assert "belong to the branch this resume leaves" in capsys.readouterr().err
+    assert lr_of(ckpts / "step_000004") == 1e-2  # step 4 of the new branch, not the abandoned one
+    assert (ckpts / "latest").read_text().strip() == "step_000004"
+    aside = list((ckpts / checkpoint.ABANDONED_DIR).rglob("step_000004"))
+    assert len(aside) == 1 and lr_of(aside[0]) == 3e-4  # the abandoned step is kept
+    assert main(_args(tiny_model_dir, out, **{"trainer.total_steps": 5, "trainer.keep_checkpoints": 2, "trainer.lr": 1e-2})) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert _steps(out) == [1, 2, 3, 4, 5]
+    assert checkpoint.find_latest(ckpts).name == "step_000005"
+    assert sorted(p.name for p in checkpoint.candidates(ckpts)) == ["step_000004", "step_000005"]
+    assert lr_of(ckpts / "step_000004") == 1e-2

@@ -23,7 +23,9 @@ import pickle
 import random
 import shutil
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,25 @@ def plain(obj: Any, where: str = "state") -> Any:
     if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
         return obj.item()
     raise TypeError(f"{where} is a {type(obj).__name__}: a checkpoint holds only tensors and plain values")
+
+
+@contextmanager
+def atomic_dir(out: str | Path, marker: str = "config.json"):
+    """Build a directory under a temporary name beside `out` and rename it into place when the block
+    ends without error, so a reader never sees half of it (the tiny model, a converted GGUF, a
+    dequantized base). If another process published `out` first (its `marker` exists), theirs stays."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name[:40]}-", dir=out.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process won the race: keep theirs
+            if not (out / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

@@ -22,10 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -240,8 +237,9 @@ def convert(gguf_file: Path, cache_dir: str | Path, log=None) -> Path:
     log(f"[fipo_lite] converting {gguf_file.name} to a Hugging Face directory in {out} (once; cached afterwards)")
     t0 = time.time()
     tok = build_tokenizer(meta)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-gguf-", dir=out.parent))
-    try:
+    from .checkpoint import atomic_dir
+
+    with atomic_dir(out) as tmp:
         model = _load_dequantized(gguf_file)
         ids = {k: tok.convert_tokens_to_ids(getattr(tok, f"{k}_token")) if getattr(tok, f"{k}_token") else None
                for k in ("bos", "eos", "pad")}
@@ -253,12 +251,5 @@ def convert(gguf_file: Path, cache_dir: str | Path, log=None) -> Path:
         (tmp / "fipo_lite_gguf.json").write_text(json.dumps({"source": str(gguf_file), "sha256": digest,
                                                             "convert_version": CONVERT_VERSION, "transformers": _tf_version(),
                                                             "seconds": round(time.time() - t0, 1)}, indent=2))
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process won the race: keep theirs
-            if not (out / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"[fipo_lite] converted in {time.time() - t0:.0f}s")
     return out

@@ -15,16 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .checkpoint import atomic_dir
 
 BUILD_VERSION = 2  # bump when the tokenizer, task format or training recipe changes
 PAD, BOS, EOS, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"
@@ -243,18 +242,10 @@ def build_tiny(model_cfg, log=None) -> Path:
                           intermediate_size=tiny_cfg.intermediate_size)
         if tiny_cfg.warm_start_steps > 0:
             warm_start(model, tok, tiny_cfg, log=log)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=root))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "fipo_lite_tiny.json").write_text(json.dumps({"settings": asdict(tiny_cfg), "build_version": BUILD_VERSION,
                                                             "build_seconds": round(time.time() - t0, 1)}, indent=2))
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process won the race: keep theirs
-            if not (out / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"[tiny] built in {time.time() - t0:.0f}s")
     return out

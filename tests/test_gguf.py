@@ -26,14 +26,9 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in 
 
 def byte_chars() -> list[str]:
     """GPT-2's byte-to-unicode table: the 256 base tokens of a byte-level BPE vocabulary."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    from fipo_lite.tiny import _bytes_to_unicode
+
+    return list(_bytes_to_unicode().values())
 
 
 def write_small_gguf(path: Path, add_bos: bool = False, pre: str = "smollm", seed: int = 0) -> Path:

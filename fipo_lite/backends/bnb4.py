@@ -100,13 +100,12 @@ def dequantized_base(model, tokenizer, source: str, cache_dir: str, dtype: str =
     Written once per (source, quantization, dtype) to `cache_dir`, atomically."""
     import hashlib
     import json
-    import os
-    import shutil
-    import tempfile
     from pathlib import Path
 
     import bitsandbytes as bnb
     from safetensors.torch import save_file
+
+    from ..checkpoint import atomic_dir
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     quantized = {name for name, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -119,7 +118,6 @@ def dequantized_base(model, tokenizer, source: str, cache_dir: str, dtype: str =
     out = Path(cache_dir) / f"nf4-dequant-{src.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (out / "config.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, p in base.named_parameters():  # tied weights appear once: the config's tie flag restores them
         if "lora_" in name:
@@ -134,16 +132,8 @@ def dequantized_base(model, tokenizer, source: str, cache_dir: str, dtype: str =
     config.pop("quantization_config", None)
     config.pop("_pre_quantization_dtype", None)
     config["torch_dtype"] = config["dtype"] = dtype
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-nf4-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process wrote it first
-            if not (out / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -40,6 +40,7 @@ _LOSS = {k: p.default for k, p in inspect.signature(policy_loss).parameters.item
 FILTER_METRICS = ("acc", "score")  # the trainer's dynamic sampling keeps groups whose metric varies
 ON_CAP = ("error", "partial")  # what dynamic sampling does when max_num_gen_batches is reached
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+LR_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_min_lr")  # trainer.lr_scheduler
 
 
 @dataclass
@@ -166,6 +167,11 @@ class TrainerConfig:
     ppo_epochs: int = 1
     lr: float = 1e-3
     warmup_steps: int = 2
+    # lr over training steps: "constant" ramps linearly over warmup_steps (1/W, 2/W, ... of lr) and then
+    # holds; the others are transformers.get_scheduler's (TRL's), warmup from 0 over warmup_steps, then
+    # decaying over trainer.total_steps (cosine_with_min_lr: down to min_lr_ratio x lr)
+    lr_scheduler: str = "constant"
+    min_lr_ratio: float = 0.1  # cosine_with_min_lr only
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (bitsandbytes)
@@ -237,6 +243,7 @@ def choices() -> dict[str, tuple]:
         "algorithm.filter_groups.metric": FILTER_METRICS,
         "algorithm.filter_groups.on_cap": ON_CAP,
         "trainer.optimizer": OPTIMIZERS,
+        "trainer.lr_scheduler": LR_SCHEDULERS,
     }
 
 
@@ -389,6 +396,7 @@ def validate(cfg: DictConfig) -> None:
         ("trainer.weight_decay", t.weight_decay, _finite(t.weight_decay) and t.weight_decay >= 0, "a finite number >= 0"),
         ("trainer.grad_clip", t.grad_clip, not math.isnan(t.grad_clip), "a number (<= 0 or inf: no clipping)"),
         ("trainer.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("trainer.min_lr_ratio", t.min_lr_ratio, _finite(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1, "a number in [0, 1]"),
         ("trainer.gen_batch_size", t.gen_batch_size, t.gen_batch_size >= 0, ">= 0 (0: 4 x trainer.train_batch_size)"),
         ("trainer.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0: never)"),
         ("trainer.save_every", t.save_every, t.save_every >= 0, ">= 0 (0: never)"),

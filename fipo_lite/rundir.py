@@ -172,7 +172,10 @@ def open_run(cfg: DictConfig) -> tuple[Path, dict] | None:
         old = OmegaConf.to_container(OmegaConf.load(legacy))
     new = OmegaConf.to_container(cfg)
     changes = config_changes(old, new) if old is not None else {}
-    relevant = {k: v for k, v in changes.items() if k not in RESUME_SAFE_KEYS}
+    # a decaying lr schedule is laid out over total_steps: changing it changes the lr of the steps to come
+    schedule_over_steps = cfg.trainer.lr_scheduler != "constant"
+    relevant = {k: v for k, v in changes.items()
+                if k not in RESUME_SAFE_KEYS or (k == "trainer.total_steps" and schedule_over_steps)}
     if relevant and not t.allow_config_change:
         raise RunDirError(
             f"{out} was trained with a different config ({path.name}): {_fmt(relevant)}; use another output_dir, "

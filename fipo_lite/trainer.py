@@ -327,6 +327,17 @@ def make_optimizer(params, cfg):
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
+def make_scheduler(optimizer, t):
+    """The lr schedule over training steps (trainer.lr_scheduler; stepped once per step)."""
+    if t.lr_scheduler == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+    from transformers import get_scheduler
+
+    extra = {"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine_with_min_lr" else None
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(1, t.total_steps),
+                         scheduler_specific_kwargs=extra)
+
+
 def apply_optimizer_config(optimizer, scheduler, t) -> None:
     """Restored optimizer and scheduler states carry the lr and weight decay they were saved with;
     the config's win (a resume allowed to change them must train with the new values)."""
@@ -369,7 +380,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
     val_ids = encode_prompts(tokenizer, val_ex, cfg.data.max_prompt_length)
     stream = PromptStream(len(train_ex), cfg.seed, cfg.data.shuffle)
     optimizer = make_optimizer(policy.trainable_parameters(), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+    scheduler = make_scheduler(optimizer, t)
 
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"

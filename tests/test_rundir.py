@@ -405,3 +405,35 @@ def test_a_rollback_is_not_undone_by_a_later_auto_resume(tiny_model_dir, tmp_pat
     assert checkpoint.find_latest(ckpts).name == "step_000005"
     assert sorted(p.name for p in checkpoint.candidates(ckpts)) == ["step_000004", "step_000005"]
     assert lr_of(ckpts / "step_000004") == 1e-2
+
+
+def test_lr_schedules_follow_transformers_and_survive_a_resume(tiny_model_dir, tmp_path):
+    """trainer.lr_scheduler=cosine is transformers' schedule over trainer.total_steps, and a run killed
+    after step 2 and resumed logs the same lr per step as one that ran through."""
+    from transformers import get_scheduler
+
+    from fipo_lite.config import load_config
+    from fipo_lite.trainer import make_scheduler
+
+    cfg = load_config(None, ["trainer.lr_scheduler=cosine", "trainer.total_steps=6", "trainer.warmup_steps=2", "trainer.lr=0.5"])
+    ours = make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5), cfg.trainer)
+    ref = get_scheduler("cosine", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5), num_warmup_steps=2, num_training_steps=6)
+    seq = []
+    for _ in range(6):
+        assert ours.get_last_lr() == pytest.approx(ref.get_last_lr())
+        seq.append(ours.get_last_lr()[0])
+        ours.step(), ref.step()
+    assert seq[0] == 0 and max(seq) == pytest.approx(0.5) and seq[-1] < 0.1  # warmup from 0, then the cosine decay
+
+    extra = {"trainer.lr_scheduler": "cosine", "trainer.total_steps": 4, "trainer.lr": 1e-2, "trainer.warmup_steps": 1}
+    through, parts = tmp_path / "through", tmp_path / "parts"
+    assert main(_args(tiny_model_dir, through, **extra)) == 0
+    assert main(_args(tiny_model_dir, parts, **{**extra, "trainer.total_steps": 2})) == 0
+    # the cosine was laid out over 2 steps: stretching it to 4 changes the lr to come, so it is opted into
+    assert main(_args(tiny_model_dir, parts, **extra)) == 2
+    assert main(_args(tiny_model_dir, parts, **extra, **{"trainer.allow_config_change": "true"})) == 0
+    lrs = lambda out: [r["actor/lr"] for r in M.read_jsonl(out / "metrics.jsonl")]  # noqa: E731
+    # actor/lr is the lr set for the next step: the first part logged its own 2-step plan at step 2; from
+    # the resume on, the lr follows the 4-step plan exactly as in the run that went through
+    assert lrs(parts)[2:] == pytest.approx(lrs(through)[2:]) and lrs(parts)[:1] == pytest.approx(lrs(through)[:1])
+    assert len(set(lrs(through))) == 4  # a schedule, not a constant

@@ -97,7 +97,8 @@ def atomic_dir(out: str | Path, marker: str = "config.json"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks (checkpoint manifests, GGUF cache keys)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -123,7 +124,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def _write_manifest(folder: Path, step: int) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     (folder / MANIFEST_FILE).write_text(json.dumps({"format": 1, "step": step, "files": entries}, indent=1))
     for p in [*files, folder / MANIFEST_FILE]:
         _fsync(p)
@@ -192,7 +193,7 @@ def verify(ckpt_dir: str | Path) -> None:
         size = p.stat().st_size
         if size != want["size"]:
             raise CheckpointError(f"checkpoint {d}: {name} has {size} bytes, {want['size']} were saved (truncated or replaced)")
-        if _sha256(p) != want["sha256"]:
+        if file_sha256(p) != want["sha256"]:
             raise CheckpointError(f"checkpoint {d}: {name} does not match its checksum (corrupted or replaced)")
     if STATE_FILE not in files:
         raise CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} lists no {STATE_FILE}")

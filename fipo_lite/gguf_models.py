@@ -19,6 +19,7 @@ and renamed, like the tiny model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -80,22 +81,24 @@ def packaged_file(name: str) -> Path:
     return f
 
 
-def read_metadata(gguf_file: Path) -> dict:
-    """The GGUF key/value metadata as plain Python values (tensors are not read)."""
+def _reader(gguf_file: Path):
     if importlib.util.find_spec("gguf") is None:
         raise UserError(f"reading {gguf_file} needs the 'gguf' package: pip install -e \".[smollm2]\" (or pip install gguf)")
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(gguf_file))
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return GGUFReader(str(gguf_file))
+
+
+def read_metadata(gguf_file: Path, reader=None, skip: tuple[str, ...] = ()) -> dict:
+    """The GGUF key/value metadata as plain Python values (tensors are not read), less the `skip` keys."""
+    reader = reader or _reader(gguf_file)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.") and k not in skip}
 
 
 def architecture(gguf_file: Path) -> dict:
     """The model's shape from the GGUF metadata (for the memory planner; nothing is converted)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(gguf_file))
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.") and not k.startswith("tokenizer.ggml.merges")}
+    reader = _reader(gguf_file)
+    meta = read_metadata(gguf_file, reader, skip=("tokenizer.ggml.merges",))  # tens of thousands of strings, not needed
     arch = meta["general.architecture"]
     heads = int(meta[f"{arch}.attention.head_count"])
     return dict(hidden_size=int(meta[f"{arch}.embedding_length"]), num_hidden_layers=int(meta[f"{arch}.block_count"]),
@@ -183,17 +186,23 @@ def _tf_version() -> str:
     return __version__
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def file_digest(gguf_file: Path) -> str:
+    """The sha256 of the GGUF's bytes, hashed once per process for an unchanged file (a run resolves
+    model.path in the trainer and again in the vLLM engine; a 7B GGUF takes seconds to hash)."""
+    st = gguf_file.stat()
+    return _digest(str(gguf_file.resolve()), st.st_size, st.st_mtime_ns)
 
 
-def converted_dir(gguf_file: Path, cache_dir: str | Path, sha256: str | None = None) -> Path:
-    """Where `convert` puts (or finds) the Hugging Face directory of this GGUF file."""
-    key = json.dumps({"sha256": sha256 or _file_hash(gguf_file), "v": CONVERT_VERSION, "tf": _tf_version().split(".")[0]}, sort_keys=True)
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    from .checkpoint import file_sha256
+
+    return file_sha256(Path(path))
+
+
+def converted_dir(gguf_file: Path, cache_dir: str | Path, sha256: str) -> Path:
+    """Where `convert` puts (or finds) the Hugging Face directory of the GGUF file whose bytes hash to `sha256`."""
+    key = json.dumps({"sha256": sha256, "v": CONVERT_VERSION, "tf": _tf_version().split(".")[0]}, sort_keys=True)
     stem = "".join(c if c.isalnum() or c in "-._" else "-" for c in gguf_file.stem)[:48]
     return Path(cache_dir) / f"gguf-{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -225,7 +234,7 @@ def _load_dequantized(gguf_file: Path):
 def convert(gguf_file: Path, cache_dir: str | Path, log=None) -> Path:
     """The cached Hugging Face directory of `gguf_file` (float32 weights, checked tokenizer), built once."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    digest = _file_hash(gguf_file)
+    digest = file_digest(gguf_file)
     out = converted_dir(gguf_file, cache_dir, digest)
     if (out / "config.json").exists():
         return out
@@ -233,7 +242,6 @@ def convert(gguf_file: Path, cache_dir: str | Path, log=None) -> Path:
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise UserError(f"{gguf_file}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not supported (fipo_lite converts "
                         "byte-level BPE GGUF tokenizers, tokenizer.ggml.model = gpt2); use the model's Hugging Face directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
     log(f"[fipo_lite] converting {gguf_file.name} to a Hugging Face directory in {out} (once; cached afterwards)")
     t0 = time.time()
     tok = build_tokenizer(meta)

@@ -47,7 +47,7 @@ class Addition:
 
     def problems(self, split: str) -> list[tuple[int, int]]:
         lo, hi = 10 ** (self.digits - 1), 10**self.digits
-        return [(a, b) for a in range(lo, hi) for b in range(lo, hi) if _split_of((a * 7919 + b * 104729) % 8) == split]
+        return [(a, b) for a in range(lo, hi) for b in range(lo, hi) if _pair_split(a, b) == split]
 
     def prompt(self, p: tuple[int, int]) -> str:
         return f"{p[0]}+{p[1]}"
@@ -114,14 +114,14 @@ class ModSum:
 @dataclass(frozen=True)
 class WordMultiplication:
     """A two-digit by one-digit product asked in words, for pretrained instruct models (not the tiny
-    model: it has no answer forms to warm-start). SmolLM2-135M-Instruct gets ~5-10% avg@4 at first
-    (results/smollm2_cpu): hard enough to learn, easy enough that some samples of most groups pay.
+    model: it has no answer forms to warm-start). SmolLM2-135M-Instruct gets ~12% held-out avg@4 at first
+    (results/ablations/smollm2_fipo_vs_dapo): hard enough to learn, easy enough that some groups pay.
     The whole space (90 x 8 problems), split ~1 in 8 for val."""
 
     step_line = None  # no digit-by-digit form to count
 
     def problems(self, split: str) -> list[tuple[int, int]]:
-        return [(a, b) for a in range(10, 100) for b in range(2, 10) if _split_of((a * 7919 + b * 104729) % 8) == split]
+        return [(a, b) for a in range(10, 100) for b in range(2, 10) if _pair_split(a, b) == split]
 
     def prompt(self, p: tuple[int, int]) -> str:
         return f"What is {p[0]} * {p[1]}?"
@@ -150,6 +150,11 @@ def hash_digits(p: tuple[int, ...]) -> int:
 TASKS = {"addition": Addition(2), "addition3": Addition(3), "modsum20": ModSum(20), "mul2x1": WordMultiplication()}
 # Tasks whose answers have a direct and a step-by-step form: the tiny model warm-starts on these.
 FORM_TASKS = tuple(name for name, t in TASKS.items() if t.step_line is not None)
+
+
+def _pair_split(a: int, b: int) -> str:
+    """The split of the operand pair (a, b): a fixed hash, so train and val never share a problem."""
+    return _split_of((a * 7919 + b * 104729) % 8)
 
 
 def _split_of(bucket: int) -> str:

@@ -374,6 +374,8 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
     engine = build_engine(cfg, model, tokenizer)
     reward_fn = RewardRunner(cfg.reward, max_response_length=r.max_new_tokens)
     synthetic = cfg.data.train.startswith("synthetic:")
+    task = get_task(cfg.data.train.split(":", 1)[1]) if synthetic else None
+    form_task = task if task is not None and task.step_line is not None else None  # a task with answer forms to count
     train_ex = load_examples(cfg.data.train, n=cfg.data.train_size if synthetic else None, seed=cfg.seed, split="train")
     val_ex = load_examples(cfg.data.val, n=cfg.data.val_size, seed=cfg.seed, split="val") if t.eval_every > 0 else []
     train_ids = encode_prompts(tokenizer, train_ex, cfg.data.max_prompt_length)
@@ -465,10 +467,9 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         row[M.SAMPLED_GROUPS] = len(sampled)
         row[M.PARTIAL_BATCH] = int(len(kept) < t.train_batch_size)
         row[M.REWARD_FAILURES] = failures
-        task = get_task(cfg.data.train.split(":", 1)[1]) if synthetic else None
-        if task is not None and task.step_line is not None:  # which answer form the policy chose: the demo's "thinking longer"
+        if form_task is not None:  # which answer form the policy chose: the demo's "thinking longer"
             for key, groups in ((M.STEPS_FORM_FRAC, kept), (M.SAMPLED[M.STEPS_FORM_FRAC], sampled)):
-                forms = [classify_form(x, task) for g in groups for x in g.texts]
+                forms = [classify_form(x, form_task) for g in groups for x in g.texts]
                 row[key] = forms.count("steps") / len(forms) if forms else math.nan
         row["actor/lr"] = scheduler.get_last_lr()[0]
         row["time/gen_s"] = t_gen  # sampling + scoring, every generation batch of the step

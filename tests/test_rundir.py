@@ -337,7 +337,7 @@ def test_manifest_entries_stay_inside_and_cover_every_file(finished, tmp_path):
     outside = tmp_path / "outside.txt"
     outside.write_text("not part of the checkpoint")
     m = json.loads(json.dumps(good))
-    m["files"][os.path.relpath(outside, ckpt)] = {"size": outside.stat().st_size, "sha256": checkpoint._sha256(outside)}
+    m["files"][os.path.relpath(outside, ckpt)] = {"size": outside.stat().st_size, "sha256": checkpoint.file_sha256(outside)}
     mf.write_text(json.dumps(m))
     with pytest.raises(checkpoint.CheckpointError, match="outside the checkpoint"):
         checkpoint.verify(ckpt)

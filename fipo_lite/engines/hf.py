@@ -44,6 +44,7 @@ class HFEngine:
         self.eos_ids = self._eos_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.sampler = None  # the merged copy, when used
+        self.lean = None  # the lean decode step, set below once the sampling model is known
         lora = _lora_layers(model.get_base_model()) if hasattr(model, "get_base_model") else []
         if lora and merge_lora == "true" and not _float_weights(model):
             raise ValueError("rollout.merge_lora=true needs float weights to merge the adapter into, but this model is "
@@ -172,7 +173,7 @@ class HFEngine:
         """Without a merged copy, nothing: sampling uses the training model's live weights. With
         one, rebuild each merged weight from the base weight and the current adapter. Either way the
         lean decode step re-fuses its weights (full fine-tuning updates them in place)."""
-        if getattr(self, "lean", None) is not None:  # (the first sync runs in __init__, before the decoder exists)
+        if self.lean is not None:
             self.lean.invalidate()
         if self.sampler is None:
             return

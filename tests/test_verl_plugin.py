@@ -194,3 +194,9 @@ def test_printed_command_parses_with_hydras_own_override_parser(capsys, monkeypa
 def test_an_influence_clip_of_one_is_refused_not_printed_as_no_clip():
     with pytest.raises(ValueError, match="no clipping at all"):
         plugin.recipe_knobs(load_config(ROOT / "configs" / "tiny_cpu.yaml", ["algorithm.fkl_clip_low=1.0", "algorithm.fkl_clip_high=1.0"]))
+
+
+def test_an_lr_schedule_verl_would_not_run_is_refused():
+    with pytest.raises(ValueError, match="trainer.lr_scheduler=cosine has no translation"):
+        plugin.launcher_overrides(load_config(ROOT / "configs" / "tiny_cpu.yaml", ["trainer.lr_scheduler=cosine"]))
+    assert plugin.main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "trainer.lr_scheduler=cosine"]) == 2

@@ -177,6 +177,9 @@ def recipe_overrides(cfg) -> dict[str, Any]:
     from ..config import gen_batch_size
 
     a, t, r, d, rw = cfg.algorithm, cfg.trainer, cfg.rollout, cfg.data, cfg.reward
+    if t.lr_scheduler != "constant":  # not translated: verl would run its constant schedule without a word
+        raise ValueError(f"trainer.lr_scheduler={t.lr_scheduler} has no translation to verl's optimizer keys here; use "
+                         "trainer.lr_scheduler=constant, or set actor_rollout_ref.actor.optim's scheduler in the verl command yourself")
     actor, rollout = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
     gen_batch = gen_batch_size(cfg)
     out = {

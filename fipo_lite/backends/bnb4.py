@@ -110,7 +110,8 @@ def dequantized_base(model, tokenizer, source: str, cache_dir: str, dtype: str =
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     quantized = {name for name, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     src = Path(source)
-    stamp = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in src.glob("*.safetensors")) if src.is_dir() else []
+    # every file of the source (weights in safetensors or .bin, config): a base replaced in place is written again
+    stamp = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.iterdir() if f.is_file()) if src.is_dir() else []
     qcfg = getattr(base.config, "quantization_config", None)
     qdict = qcfg.to_dict() if hasattr(qcfg, "to_dict") else qcfg
     key = json.dumps({"source": str(src.resolve()) if src.is_dir() else source, "files": stamp, "quant": qdict, "dtype": dtype,

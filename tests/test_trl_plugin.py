@@ -143,3 +143,52 @@ def test_warns_when_fipo_would_run_as_dapo(tiny_model_dir, tmp_path):
     assert FIPOGRPOConfig(**common, generation_batch_size=8).steps_per_generation == 2  # explicit size respected
     with pytest.raises(ValueError, match="not a FIPO knob"):
         make(FIPOGRPOConfig(**common), decay=8)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_take_the_same_step_as_one(tiny_model_dir, tmp_path):
+    """FIPOGRPOTrainer under `accelerate launch --multi_gpu --num_processes 2` (gloo on a CPU) takes the
+    optimizer steps of one process on the same completions: same loss, same all-reduced gradient, both
+    on-policy (step 1) and with live influence weights (step 2); so does one process with gradient
+    accumulation over two micro-batches. The token-mean is over the global batch, not each process's.
+    (`accelerate launch --cpu --num_processes 2` would start one process: accelerate's simple launcher.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = str(Path(__file__).with_name("trl_step_script.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    runs = {"one": [sys.executable, script, str(tiny_model_dir), str(tmp_path / "one"), "--per-device", "8"],
+            "two": [*launch, script, str(tiny_model_dir), str(tmp_path / "two"), "--per-device", "4"],
+            "accum": [sys.executable, script, str(tiny_model_dir), str(tmp_path / "accum"), "--per-device", "4", "--grad-accum", "2"]}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    assert json.loads((tmp_path / "two" / "log.json").read_text())["num_processes"] == 2
+    logs = json.loads((tmp_path / "one" / "log.json").read_text())["logs"]
+    assert logs[0]["fipo/influence_max"] == pytest.approx(1.0) and logs[1]["fipo/influence_max"] > 1.01  # FIPO live in step 2
+    for step in (1, 2):
+        ref = load_file(str(tmp_path / "one" / f"grads_step{step}.safetensors"))
+        ref_loss = json.loads((tmp_path / "one" / f"loss_step{step}.json").read_text())
+        ref_norm = sum(g.norm() ** 2 for g in ref.values()) ** 0.5
+        assert ref_norm > 0
+        for name in ("two", "accum"):
+            got = load_file(str(tmp_path / name / f"grads_step{step}.safetensors"))
+            assert set(got) == set(ref)
+            diff = sum((got[k] - ref[k]).norm() ** 2 for k in ref) ** 0.5
+            assert diff / ref_norm < 1e-9, (name, step, float(diff / ref_norm))
+            loss = json.loads((tmp_path / name / f"loss_step{step}.json").read_text())
+            assert loss == pytest.approx(ref_loss, rel=1e-9, abs=1e-12), (name, step)

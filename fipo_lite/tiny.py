@@ -5,7 +5,13 @@ synthetic addition task (a mix of short direct answers and long digit-by-digit o
 as an ordinary Hugging Face directory, so the rest of the kit loads it with `from_pretrained(path)`
 exactly like a hub model. The result is cached under `model.cache_dir/<hash of the settings>/`.
 
+The model of the default settings ships in the package (`fipo_lite/assets/tiny/`, a few MB, with the
+command, versions and file hashes that made it), so the demo starts training at once and its results
+reproduce on any machine; other settings (the tests', `model.tiny.*` overrides) are built here.
+
     python -m fipo_lite build-tiny [--config FILE] [model.tiny.warm_start_steps=300 ...]  (the command: tiny_cli.py)
+    python -m fipo_lite build-tiny --rebuild    # build here even where the shipped model applies
+    python -m fipo_lite build-tiny --ship       # rebuild and replace the shipped model (maintainers)
 
 `TinyModelConfig` (the `model.tiny` config section) lives here with the code it configures.
 """
@@ -15,17 +21,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import platform
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_dir
+from .checkpoint import atomic_dir, file_sha256
+from .errors import UserError
 
 BUILD_VERSION = 2  # bump when the tokenizer, task format or training recipe changes
+SHIPPED_DIR = Path(__file__).parent / "assets" / "tiny"
+BUILD_INFO = "fipo_lite_tiny.json"  # settings and build record, in the cached and the shipped directory
 PAD, BOS, EOS, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"
 CHARS = "0123456789+-*/=()[]{}<>,.:;!?'\"\\_^| \n" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # transformers' Qwen2 pre-tokenizer split (tokenization_qwen2.PRETOKENIZE_REGEX)
@@ -218,14 +231,40 @@ def settings_hash(tiny_cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def build_tiny(model_cfg, log=None) -> Path:
-    """Build (or reuse) the warm-started tiny model; returns its directory. Atomic: temp dir + rename."""
+def shipped_tiny(tiny_cfg, root: Path | None = None) -> Path | None:
+    """The shipped tiny model's directory when it was built with exactly these settings, else None.
+
+    Its files are checked against the sha256 recorded when it was shipped: a damaged install stops
+    with an error rather than training a different model than the one the results came from."""
+    root = Path(root or SHIPPED_DIR)
+    info_path = root / BUILD_INFO
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    if info.get("build_version") != BUILD_VERSION or info.get("settings") != asdict(_settings(tiny_cfg)):
+        return None
+    for name, digest in info.get("sha256", {}).items():
+        f = root / name
+        if Path(name).name != name or not f.is_file() or file_sha256(f) != digest:
+            raise UserError(f"the shipped tiny model in {root} is damaged: {name} does not match the sha256 recorded "
+                            "when it was shipped; reinstall fipo_lite, or build it here: python -m fipo_lite build-tiny --rebuild")
+    return root
+
+
+def _settings(tiny_cfg) -> TinyModelConfig:
+    """The model.tiny section as a TinyModelConfig (it comes as one, or as the run config's OmegaConf node)."""
     from omegaconf import OmegaConf
 
+    return TinyModelConfig(**OmegaConf.to_container(tiny_cfg)) if OmegaConf.is_config(tiny_cfg) else tiny_cfg
+
+
+def build_tiny(model_cfg, log=None, rebuild: bool = False) -> Path:
+    """The warm-started tiny model's directory: the shipped one where its settings match (unless
+    `rebuild`), else built here once and cached. Atomic: temp dir + rename."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    tiny_cfg = model_cfg.tiny
-    if OmegaConf.is_config(tiny_cfg):
-        tiny_cfg = TinyModelConfig(**OmegaConf.to_container(tiny_cfg))
+    tiny_cfg = _settings(model_cfg.tiny)
+    if not rebuild and (shipped := shipped_tiny(tiny_cfg)) is not None:
+        return shipped
     root = Path(model_cfg.cache_dir)
     out = root / f"tiny-{settings_hash(tiny_cfg)}"
     if (out / "config.json").exists():
@@ -245,7 +284,31 @@ def build_tiny(model_cfg, log=None) -> Path:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "fipo_lite_tiny.json").write_text(json.dumps({"settings": asdict(tiny_cfg), "build_version": BUILD_VERSION,
+        (tmp / BUILD_INFO).write_text(json.dumps({"settings": asdict(tiny_cfg), "build_version": BUILD_VERSION,
                                                             "build_seconds": round(time.time() - t0, 1)}, indent=2))
     log(f"[tiny] built in {time.time() - t0:.0f}s")
     return out
+
+
+def ship_tiny(built: Path, dest: Path = SHIPPED_DIR, command: str = "python -m fipo_lite build-tiny --ship") -> Path:
+    """Copy a built tiny model into `dest` (the package's shipped model) with its build record: the
+    settings, the command, the versions that built it and each file's sha256. Replaces `dest` whole."""
+    import transformers
+
+    built, dest = Path(built), Path(dest)
+    record = json.loads((built / BUILD_INFO).read_text())
+    files = sorted(p.name for p in built.iterdir() if p.is_file() and p.name != BUILD_INFO)
+    record.update(command=command, built_with={"torch": torch.__version__, "transformers": transformers.__version__,
+                                               "python": platform.python_version(), "machine": platform.machine()},
+                  sha256={name: file_sha256(built / name) for name in files})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-ship-", dir=dest.parent))
+    for name in files:
+        shutil.copyfile(built / name, tmp / name)
+    (tmp / BUILD_INFO).write_text(json.dumps(record, indent=2) + "\n")
+    old = dest.with_name(f".old-{dest.name}")
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest

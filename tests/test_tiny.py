@@ -129,3 +129,59 @@ def test_building_does_not_disturb_the_callers_rng(tmp_path):
     build_tiny(_cfg(tmp_path / "fresh"), log=lambda msg: None)  # cached now
     after_cache = torch.rand(3)
     assert torch.equal(after_build, after_cache)
+
+
+def test_the_default_tiny_model_ships_with_the_package():
+    """The demo's model (default settings) is the shipped one: no build, the same weights on every
+    machine. Fails when the defaults change and nobody re-ran `build-tiny --ship`."""
+    from fipo_lite.config import ModelConfig
+    from fipo_lite.tiny import SHIPPED_DIR, TinyModelConfig, shipped_tiny
+
+    assert shipped_tiny(TinyModelConfig()) == SHIPPED_DIR
+    t0 = time.time()
+    assert build_tiny(ModelConfig(cache_dir="/nonexistent/never/written"), log=None) == SHIPPED_DIR
+    assert time.time() - t0 < 5.0
+    assert shipped_tiny(TinyModelConfig(seed=1)) is None  # other settings are built, not taken from the package
+
+
+def test_the_shipped_model_loads_in_this_lane():
+    """Shipped from one transformers major, loaded under either: same tokenizer ids as the builder's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fipo_lite.tiny import SHIPPED_DIR
+
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_DIR)
+    tok = AutoTokenizer.from_pretrained(SHIPPED_DIR)
+    assert tok.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == tok.eos_token_id
+    built = build_tokenizer()
+    chat = [{"role": "user", "content": "123 + 456\nx"}]
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == built.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def test_build_tiny_ship_records_and_verifies(tmp_path, monkeypatch):
+    """`build-tiny --ship` copies a build with its command, versions and hashes; a damaged file is refused
+    by name; --rebuild builds here even where a shipped model applies."""
+    import json
+
+    from fipo_lite.errors import UserError
+    from fipo_lite.tiny import BUILD_INFO, ship_tiny, shipped_tiny
+
+    cfg = _cfg(tmp_path / "cache")
+    built = build_tiny(cfg, log=lambda msg: None)
+    dest = ship_tiny(built, tmp_path / "assets" / "tiny", command="python -m fipo_lite build-tiny --ship x=1")
+    info = json.loads((dest / BUILD_INFO).read_text())
+    assert info["command"].endswith("x=1") and info["built_with"]["torch"] == torch.__version__
+    assert set(info["sha256"]) == {p.name for p in built.iterdir() if p.name != BUILD_INFO}
+    assert shipped_tiny(cfg.tiny, root=dest) == dest
+    assert torch.equal(_weights(dest)["model.embed_tokens.weight"], _weights(built)["model.embed_tokens.weight"])
+    ship_tiny(built, dest)  # shipping again replaces the directory whole
+    assert not list((tmp_path / "assets").glob(".*"))
+    monkeypatch.setattr("fipo_lite.tiny.SHIPPED_DIR", dest)
+    assert build_tiny(cfg, log=lambda msg: None) == dest
+    assert build_tiny(cfg, log=lambda msg: None, rebuild=True) == built
+    data = bytearray((dest / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (dest / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="damaged: model.safetensors"):
+        shipped_tiny(cfg.tiny, root=dest)

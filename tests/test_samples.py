@@ -25,7 +25,7 @@ def _cfg(model_dir: Path, out: Path, **extra):
         "trainer.ppo_mini_batch_size": 2, "trainer.micro_batch_size": 8, "rollout.n": 4, "rollout.max_new_tokens": 24,
         "trainer.eval_every": 2, "trainer.eval_k": 2, "data.val_size": 3, "trainer.save_every": 1, "trainer.progress": False,
         "algorithm.filter_groups.max_num_gen_batches": 2, "trainer.gen_batch_size": 4, "trainer.lr": 5e-3,
-        "trainer.lr_scheduler": "cosine", "trainer.warmup_ratio": 0.5, "trainer.log_rollouts_max": CAP,
+        "trainer.warmup_ratio": 1.0, "trainer.log_rollouts_max": CAP,
         "trainer.print_samples_every": 2, "trainer.print_samples_num": 2,
         "data.train": "synthetic:addition", "data.val": "synthetic:addition",
     }
@@ -103,17 +103,10 @@ def test_console_shows_a_few_completions(run):
 
 
 def test_warmup_ratio_sets_the_lr_sequence(run):
-    """warmup_ratio=0.5 of 3 steps: a warmup of 2 steps (rounded up), then transformers' cosine over 3."""
-    from transformers import get_scheduler
-
+    """warmup_ratio=1.0 of 3 steps under the constant schedule: the lr ramps over all 3 (1/3, 2/3, 1 of lr)."""
     out, _, _ = run
-    ref = get_scheduler("cosine", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-3), num_warmup_steps=2, num_training_steps=3)
-    expected = []
-    for _ in range(3):
-        ref.step()
-        expected.append(ref.get_last_lr()[0])  # actor/lr: the lr set for the next step
     logged = [r["actor/lr"] for r in M.read_jsonl(out / "metrics.jsonl") if r[M.STEP] > 0]
-    assert logged == pytest.approx(expected) and expected[0] < expected[1]  # still warming up after step 1
+    assert logged == pytest.approx([5e-3 * 2 / 3, 5e-3, 5e-3])  # actor/lr: the lr set for the next step
 
 
 def test_perf_metrics_are_logged_every_step(run):
@@ -135,6 +128,7 @@ def test_switches_off(tiny_warm_model_dir, tmp_path, capsys):
     assert "of its completions" not in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # schedules stepped without an optimizer step
 def test_warmup_ratio_rules():
     t = load_config(None, ["trainer.warmup_ratio=0.1", "trainer.total_steps=30"]).trainer
     assert warmup_steps(t) == 3  # 0.1 x 30 is 3.0000000000000004 in floats: not 4
@@ -146,6 +140,15 @@ def test_warmup_ratio_rules():
         load_config(None, ["trainer.warmup_ratio=1.5"])
     with pytest.raises(ConfigError, match=r"'trainer.log_rollouts_max' is -1"):
         load_config(None, ["trainer.log_rollouts_max=-1"])
+    # transformers' schedules get the warmup in steps: 0.5 x 6 = 3
+    from transformers import get_scheduler
+
+    cfg = load_config(None, ["trainer.lr_scheduler=cosine", "trainer.warmup_ratio=0.5", "trainer.total_steps=6"])
+    ours = make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg.trainer)
+    ref = get_scheduler("cosine", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=3, num_training_steps=6)
+    for _ in range(6):
+        assert ours.get_last_lr() == pytest.approx(ref.get_last_lr())
+        ours.step(), ref.step()
     cfg = load_config(None, ["trainer.warmup_ratio=0.5", "trainer.total_steps=4"])  # constant: ramp over 2 steps, then flat
     sched = make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg.trainer)
     lrs = []
@@ -153,3 +156,13 @@ def test_warmup_ratio_rules():
         lrs.append(sched.get_last_lr()[0])
         sched.step()
     assert lrs == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_a_longer_run_under_a_warmup_ratio_needs_the_opt_in(run, tiny_warm_model_dir):
+    """The warmup is a share of total_steps: raising it on resume changes the lr to come (as under a decaying
+    schedule), though the schedule is the constant one, whose total_steps may change otherwise."""
+    from fipo_lite.rundir import RunDirError
+
+    out, _, _ = run
+    with pytest.raises(RunDirError, match=r"trainer.total_steps 3 -> 4.*allow_config_change"):
+        train(_cfg(tiny_warm_model_dir, out, **{"trainer.total_steps": 4}))

@@ -167,8 +167,11 @@ class TrainerConfig:
     ppo_epochs: int = 1
     lr: float = 1e-3
     warmup_steps: int = 2
-    # lr over training steps: "constant" ramps linearly over warmup_steps (1/W, 2/W, ... of lr) and then
-    # holds; the others are transformers.get_scheduler's (TRL's), warmup from 0 over warmup_steps, then
+    # null: warmup_steps; a fraction of total_steps (rounded up, as TRL's warmup_ratio) that replaces it:
+    # with warmup_ratio set, warmup_steps must stay at its default (both set is refused)
+    warmup_ratio: Optional[float] = None
+    # lr over training steps: "constant" ramps linearly over the warmup (1/W, 2/W, ... of lr) and then
+    # holds; the others are transformers.get_scheduler's (TRL's), warmup from 0 over the warmup, then
     # decaying over trainer.total_steps (cosine_with_min_lr: down to min_lr_ratio x lr)
     lr_scheduler: str = "constant"
     min_lr_ratio: float = 0.1  # cosine_with_min_lr only
@@ -186,6 +189,12 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # 0: keep all
     resume: str = "auto"  # auto | never | PATH to a checkpoint dir
     progress: bool = True
+    # OUTPUT_DIR/rollouts/step_NNNNNN.jsonl: each step's sampled completions (the trained groups first),
+    # and OUTPUT_DIR/eval/step_NNNNNN.jsonl: each evaluation's samples (see samples.py)
+    log_rollouts: bool = True
+    log_rollouts_max: int = 512  # rows per step in rollouts/ (0: every sample); evaluations write all theirs
+    print_samples_every: int = 10  # print a few of the step's completions to the console every N steps (0: never)
+    print_samples_num: int = 2  # how many (one per group, the trained groups first)
     num_threads: int = 0  # torch CPU threads; 0: leave torch's default
     allow_config_change: bool = False  # resume even though training-relevant keys changed (recorded in the run dir)
 
@@ -213,7 +222,8 @@ class RunConfig:
 # experiment. The run directory records every change with the step it took effect (see rundir.py).
 RESUME_SAFE_KEYS = frozenset({
     "output_dir", "trainer.total_steps", "trainer.eval_every", "trainer.save_every", "trainer.keep_checkpoints",
-    "trainer.resume", "trainer.progress", "trainer.num_threads", "trainer.allow_config_change",
+    "trainer.resume", "trainer.progress", "trainer.log_rollouts", "trainer.log_rollouts_max", "trainer.print_samples_every",
+    "trainer.print_samples_num", "trainer.num_threads", "trainer.allow_config_change",
     "trainer.logprob_chunk_size", "trainer.share_prompt_forward", "trainer.lean_forward", "trainer.micro_batch_size", "trainer.max_tokens_per_micro_batch",
     "model.device", "model.cache_dir", "model.gradient_checkpointing", "model.offload_gradients", "model.attn_implementation",
     "rollout.generation_batch_size", "rollout.merge_lora", "rollout.lean_decode", "rollout.vllm.gpu_memory_utilization", "rollout.vllm.enable_prefix_caching",
@@ -396,6 +406,11 @@ def validate(cfg: DictConfig) -> None:
         ("trainer.weight_decay", t.weight_decay, _finite(t.weight_decay) and t.weight_decay >= 0, "a finite number >= 0"),
         ("trainer.grad_clip", t.grad_clip, not math.isnan(t.grad_clip), "a number (<= 0 or inf: no clipping)"),
         ("trainer.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("trainer.warmup_ratio", t.warmup_ratio, t.warmup_ratio is None or (_finite(t.warmup_ratio) and 0 <= t.warmup_ratio <= 1),
+         "null (use trainer.warmup_steps) or a number in [0, 1]"),
+        ("trainer.log_rollouts_max", t.log_rollouts_max, t.log_rollouts_max >= 0, ">= 0 (0: every sample)"),
+        ("trainer.print_samples_every", t.print_samples_every, t.print_samples_every >= 0, ">= 0 (0: never)"),
+        ("trainer.print_samples_num", t.print_samples_num, t.print_samples_num >= 1, ">= 1"),
         ("trainer.min_lr_ratio", t.min_lr_ratio, _finite(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1, "a number in [0, 1]"),
         ("trainer.gen_batch_size", t.gen_batch_size, t.gen_batch_size >= 0, ">= 0 (0: 4 x trainer.train_batch_size)"),
         ("trainer.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0: never)"),
@@ -438,6 +453,9 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' is {_short(value)}; must be {allowed}")
     checks = [
+        (t.warmup_ratio is None or t.warmup_steps == TrainerConfig.warmup_steps,
+         f"trainer.warmup_ratio={t.warmup_ratio} and trainer.warmup_steps={t.warmup_steps} both set the warmup; set one of them "
+         f"(with warmup_ratio, leave warmup_steps at its default {TrainerConfig.warmup_steps})"),
         (t.train_batch_size % t.ppo_mini_batch_size == 0, "trainer.train_batch_size must be a multiple of trainer.ppo_mini_batch_size"),
         (a.fkl_clip_low <= a.fkl_clip_high, f"need algorithm.fkl_clip_low <= algorithm.fkl_clip_high, got {a.fkl_clip_low} > {a.fkl_clip_high}"),
         (_usable_dir(cfg.output_dir), f"config key 'output_dir' is {cfg.output_dir!r}; must be a directory (or a path to create one), "
@@ -464,6 +482,12 @@ def gen_batch_size(cfg: DictConfig) -> int:
     if not cfg.algorithm.filter_groups.enable:
         return t.train_batch_size
     return t.gen_batch_size or 4 * t.train_batch_size
+
+
+def warmup_steps(t: DictConfig) -> int:
+    """The lr warmup in steps: trainer.warmup_ratio x total_steps rounded up (TRL's rule) when the ratio
+    is set, else trainer.warmup_steps. Float noise is rounded off first (0.1 x 30 is 3 steps, not 4)."""
+    return math.ceil(round(t.warmup_ratio * t.total_steps, 9)) if t.warmup_ratio is not None else t.warmup_steps
 
 
 def resolve_loss_defaults(flat: dict[str, Any]) -> dict[str, Any]:

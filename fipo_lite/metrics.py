@@ -53,6 +53,14 @@ SAMPLED = {REWARD_MEAN: "sampled/reward_mean", ACCURACY: "sampled/accuracy", LEN
            STEPS_FORM_FRAC: "sampled/steps_form_frac", **{LENGTH[k]: f"sampled/response_length_{k}" for k in LENGTH_KEYS}}
 SAMPLED_GROUPS = "sampled/groups"
 
+# Throughput and memory of a step (beside the time/*_s figures): response tokens sampled per second of
+# sampling; prompt + response tokens trained on (once per ppo epoch) per second of the update; the peak
+# of torch's CUDA allocator during the step (CUDA only) and the process's peak resident memory so far.
+SAMPLE_TOKENS_PER_S = "perf/sample_tokens_per_s"
+UPDATE_TOKENS_PER_S = "perf/update_tokens_per_s"
+MAX_MEMORY_ALLOCATED_GB = "perf/max_memory_allocated_gb"
+PEAK_RSS_GB = "perf/peak_rss_gb"
+
 
 def rollout_stats(lengths: list[int], truncated: list[bool], scores: list[float], accs: list[float]) -> dict[str, float]:
     """Reward mean, accuracy, response-length statistics and clip ratio of a set of samples (NaN when empty)."""
@@ -88,10 +96,15 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One record as a line of standard JSON (NaN and inf as null, tensors and numpy scalars as numbers)."""
+    return json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one record and flush it to disk (a killed run keeps every finished step)."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        f.write(json_line(record))
         f.flush()
         os.fsync(f.fileno())
 

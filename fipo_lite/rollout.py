@@ -114,7 +114,7 @@ def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParam
         preds = [rew.preds[i] for i in idx]
         rows.append({
             "index": example.index, "k": k, "data_source": example.data_source, "ground_truth": example.ground_truth,
-            "preds": preds, "accs": accs, "lengths": [ro.response_lengths[i] for i in idx],
+            "preds": preds, "accs": accs, "scores": [float(rew.scores[i]) for i in idx], "lengths": [ro.response_lengths[i] for i in idx],
             "truncated": [ro.truncated[i] for i in idx],
             "avg_at_k": sum(accs) / len(accs), "pass_at_k": pass_at_k(len(accs), int(sum(a > 0 for a in accs)), k),
             "cons_at_k": cons_at_k(preds[:k], accs[:k]), "responses": [texts[i] for i in idx],

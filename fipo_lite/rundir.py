@@ -14,6 +14,7 @@ Layout of OUTPUT_DIR (checkpoints/ is described in checkpoint.py):
   config_history.jsonl  one row per resume that changed the config: step it took effect, time, pid,
                         checkpoint, {key: [old, new]}, and whether trainer.allow_config_change allowed it
   metrics.jsonl         one row per step
+  rollouts/, eval/      step_NNNNNN.jsonl: each step's and each evaluation's completions (samples.py)
   checkpoints/          step_NNNNNN/ folders
 """
 
@@ -172,8 +173,9 @@ def open_run(cfg: DictConfig) -> tuple[Path, dict] | None:
         old = OmegaConf.to_container(OmegaConf.load(legacy))
     new = OmegaConf.to_container(cfg)
     changes = config_changes(old, new) if old is not None else {}
-    # a decaying lr schedule is laid out over total_steps: changing it changes the lr of the steps to come
-    schedule_over_steps = cfg.trainer.lr_scheduler != "constant"
+    # a decaying lr schedule, or a warmup given as a share of them, is laid out over total_steps: changing
+    # it changes the lr of the steps to come
+    schedule_over_steps = cfg.trainer.lr_scheduler != "constant" or cfg.trainer.warmup_ratio is not None
     relevant = {k: v for k, v in changes.items()
                 if k not in RESUME_SAFE_KEYS or (k == "trainer.total_steps" and schedule_over_steps)}
     if relevant and not t.allow_config_change:

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import random
+import resource
 import sys
 import time
 import warnings
@@ -20,11 +21,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, metrics as M, rundir
-from .config import gen_batch_size, load_config, policy_loss_kwargs
+from . import checkpoint, metrics as M, rundir, samples as S
+from .config import gen_batch_size, load_config, policy_loss_kwargs, warmup_steps
 from .data import encode_prompts
 from .engines import SamplingParams, build_engine
 from .errors import UserError
+from .example import Example
 from .objective import DEFAULT_AGG, policy_loss
 from .policy import Policy, SeqBatch, use_lean_forward
 from .rollout import evaluate_rollouts, sample_and_score
@@ -78,10 +80,14 @@ class Group:
     accs: list[float]
     sampler_logprobs: list[list[float]] | None = None
     texts: list[str] | None = None
+    preds: list | None = None  # the answers the reward extracted (None: none found)
+    example: Example | None = None
+    gen_batch: int = 0  # the dynamic-sampling batch of its step it came from
+    advantages: list[float] | None = None  # set when the group is trained on
 
 
 def rollout_groups(engine, tokenizer, examples, prompt_ids, params: SamplingParams, reward_fn,
-                   timings: dict | None = None) -> tuple[list[Group], int]:
+                   timings: dict | None = None, gen_batch: int = 0) -> tuple[list[Group], int]:
     """Sample n responses per prompt and score them; returns the groups and reward failures (and adds
     the seconds spent sampling and scoring to `timings`)."""
     scored = sample_and_score(engine, tokenizer, examples, prompt_ids, params, reward_fn)
@@ -95,7 +101,7 @@ def rollout_groups(engine, tokenizer, examples, prompt_ids, params: SamplingPara
             prompt_ids=prompt_ids[g], responses=[ro.response_ids[i] for i in rows], truncated=[ro.truncated[i] for i in rows],
             scores=[float(rew.scores[i]) for i in rows], accs=[float(rew.accs[i]) for i in rows],
             sampler_logprobs=[ro.sampler_logprobs[i] for i in rows] if ro.sampler_logprobs is not None else None,
-            texts=[texts[i] for i in rows],
+            texts=[texts[i] for i in rows], preds=[rew.preds[i] for i in rows], example=examples[g], gen_batch=gen_batch,
         ))
     return groups, int(rew.failures)
 
@@ -144,7 +150,7 @@ def collect_groups(engine, tokenizer, examples, prompt_ids, stream: PromptStream
         n_gen += 1
         idx = stream.take(size)
         groups, fails = rollout_groups(engine, tokenizer, [examples[i] for i in idx], [prompt_ids[i] for i in idx], params, reward_fn,
-                                       timings)
+                                       timings, gen_batch=n_gen - 1)
         failures += fails
         sampled += groups
         kept += [g for g in groups if has_signal(g, fg.metric)] if fg.enable else groups
@@ -302,11 +308,37 @@ def _acc(sums: dict, counts: dict, key: str, value: float) -> None:
     counts[key] = counts.get(key, 0) + 1
 
 
-# ----------------------------------------------------------------------------- evaluation
-def run_eval(engine, tokenizer, examples, prompt_ids, cfg, reward_fn) -> dict[str, float]:
+# ----------------------------------------------------------------------------- evaluation, samples, perf
+def run_eval(engine, tokenizer, examples, prompt_ids, cfg, reward_fn, step: int) -> dict[str, float]:
+    """The periodic evaluation's metrics; its samples go to eval/ (log_samples)."""
     params = SamplingParams(n=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature, top_p=cfg.trainer.eval_top_p, max_new_tokens=cfg.rollout.max_new_tokens)
-    summary, _ = evaluate_rollouts(engine, tokenizer, examples, cfg.trainer.eval_k, params, reward_fn, prompt_ids=prompt_ids)
+    summary, problems = evaluate_rollouts(engine, tokenizer, examples, cfg.trainer.eval_k, params, reward_fn, prompt_ids=prompt_ids)
+    log_samples(cfg, S.EVAL_DIR, step, S.eval_rows(step, examples, problems))
     return summary
+
+
+def log_samples(cfg: DictConfig, kind: str, step: int, rows: list[dict]) -> None:
+    """Where a step's sample rows go (samples.py): OUTPUT_DIR/KIND/step_NNNNNN.jsonl, and for training
+    steps a few on the console every trainer.print_samples_every steps."""
+    t = cfg.trainer
+    if kind == S.ROLLOUTS_DIR and t.log_rollouts_max:
+        rows = rows[: t.log_rollouts_max]
+    if t.log_rollouts:
+        S.write_rows(S.step_file(cfg.output_dir, kind, step), rows)
+    if kind == S.ROLLOUTS_DIR and t.print_samples_every and step % t.print_samples_every == 0 and rows:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"[fipo_lite] step {step}: {min(t.print_samples_num, len({r['group'] for r in rows}))} of its completions\n"
+                   f"{S.format_rows(rows, t.print_samples_num)}", file=sys.stderr)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The process's peak resident memory so far and, on CUDA, the allocator's peak since the last reset (GB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    out = {M.PEAK_RSS_GB: rss / 2**30}
+    if device.type == "cuda":
+        out[M.MAX_MEMORY_ALLOCATED_GB] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -329,12 +361,13 @@ def make_optimizer(params, cfg):
 
 def make_scheduler(optimizer, t):
     """The lr schedule over training steps (trainer.lr_scheduler; stepped once per step)."""
+    warmup = warmup_steps(t)  # trainer.warmup_steps, or warmup_ratio x total_steps
     if t.lr_scheduler == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     from transformers import get_scheduler
 
     extra = {"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine_with_min_lr" else None
-    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(1, t.total_steps),
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(1, t.total_steps),
                          scheduler_specific_kwargs=extra)
 
 
@@ -404,6 +437,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         # drop metrics of steps after the checkpoint: they are about to be redone
         kept = [row for row in M.read_jsonl(metrics_path) if row.get(M.STEP, 0) <= start] if metrics_path.exists() else []
         checkpoint.write_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))  # an interrupt here keeps the history
+        S.prune(out, after=start)  # and their completions
         print(f"[fipo_lite] resumed from {resume_from} at step {start}", file=sys.stderr)
         if start >= t.total_steps:
             print(f"[fipo_lite] {out} already finished {t.total_steps} steps; raise trainer.total_steps to train "
@@ -411,11 +445,12 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
             return kept[-1] if kept else {}
     else:
         metrics_path.write_text("")
+        S.prune(out, after=-1)  # a previous run's completions
 
     sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                               logprobs=bool(a.tis_cap) or r.engine == "vllm")
     if start == 0 and t.eval_every > 0:
-        M.append_jsonl(metrics_path, {M.STEP: 0, **run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn)})
+        M.append_jsonl(metrics_path, {M.STEP: 0, **run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn, step=0)})
 
     fg = a.filter_groups
     if fg.enable:
@@ -430,6 +465,8 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
     row: dict = {}
     for step in bar:
         t0 = time.perf_counter()
+        if policy.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(policy.device)  # perf/max_memory_allocated_gb: this step's peak
         # 1. rollout with DAPO dynamic sampling: keep groups whose accuracy varies, refill.
         timings: dict[str, float] = {}
         kept, sampled, n_gen, failures = collect_groups(engine, tokenizer, train_ex, train_ids, stream, sampling, reward_fn, cfg, timings)
@@ -438,7 +475,8 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         # 2. advantages, old log-probs, update.
         samples = []
         for g in kept:
-            for j, (resp, adv) in enumerate(zip(g.responses, group_advantages(g.scores, a.norm_adv_by_std))):
+            g.advantages = group_advantages(g.scores, a.norm_adv_by_std)
+            for j, (resp, adv) in enumerate(zip(g.responses, g.advantages)):
                 samples.append(Sample(g.prompt_ids, resp, adv, g.sampler_logprobs[j] if g.sampler_logprobs else None))
         row = {M.STEP: step}
         if samples:
@@ -449,6 +487,8 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
             t2 = time.perf_counter()
             row.update(ppo_update(policy, optimizer, samples, r.n, cfg, on_policy=on_policy))
             row["time/old_logp_s"], row["time/update_s"] = t2 - t1, time.perf_counter() - t2
+            trained_tokens = t.ppo_epochs * sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+            row[M.UPDATE_TOKENS_PER_S] = trained_tokens / row["time/update_s"] if row["time/update_s"] > 0 else math.nan
             lengths = [len(s.response_ids) for s in samples]
             row[M.LENGTH_WEIGHTED_ADV] = sum(L * s.advantage for L, s in zip(lengths, samples)) / max(sum(lengths), 1)
             if samples[0].sampler_logprobs is not None:
@@ -474,8 +514,12 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         row["actor/lr"] = scheduler.get_last_lr()[0]
         row["time/gen_s"] = t_gen  # sampling + scoring, every generation batch of the step
         row["time/sample_s"], row["time/reward_s"] = timings.get("sample", 0.0), timings.get("reward", 0.0)
+        sampled_tokens = sum(len(resp) for g in sampled for resp in g.responses)
+        row[M.SAMPLE_TOKENS_PER_S] = sampled_tokens / row["time/sample_s"] if row["time/sample_s"] > 0 else math.nan
+        log_samples(cfg, S.ROLLOUTS_DIR, step, S.rollout_rows(step, sampled, kept))
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.total_steps):
-            row.update(run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn))
+            row.update(run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn, step=step))
+        row.update(peak_memory(policy.device))
         row["time/step_s"] = time.perf_counter() - t0
         M.append_jsonl(metrics_path, row)
         bar.set_postfix(reward=f"{row[M.REWARD_MEAN]:.2f}", acc=f"{row[M.ACCURACY]:.2f}", len=f"{row[M.LENGTH['mean']]:.1f}",

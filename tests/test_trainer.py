@@ -36,7 +36,7 @@ def _cfg(model_dir, out, **extra):
 
 
 def _rows(out: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in M.read_jsonl(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in M.read_jsonl(out / "metrics.jsonl")]
 
 
 def _adapter(out: Path, step: int) -> dict[str, torch.Tensor]:

@@ -174,7 +174,7 @@ def recipe_overrides(cfg) -> dict[str, Any]:
     The generation batch is the loop's own (`config.gen_batch_size`: 4 x the training batch unless set,
     as the recipe's gen_prompt_bsz).
     """
-    from ..config import gen_batch_size
+    from ..config import gen_batch_size, warmup_steps
 
     a, t, r, d, rw = cfg.algorithm, cfg.trainer, cfg.rollout, cfg.data, cfg.reward
     if t.lr_scheduler != "constant":  # not translated: verl would run its constant schedule without a word
@@ -190,7 +190,7 @@ def recipe_overrides(cfg) -> dict[str, Any]:
         f"{actor}.clip_ratio_high": a.clip_high if a.clip_high is not None else CLIP_HIGH,
         f"{actor}.clip_ratio_c": a.dual_clip_c, f"{actor}.loss_agg_mode": a.loss_agg_mode or DEFAULT_AGG["fipo"],
         f"{actor}.ppo_mini_batch_size": t.ppo_mini_batch_size, f"{actor}.ppo_epochs": t.ppo_epochs,
-        f"{actor}.optim.lr": t.lr, f"{actor}.optim.lr_warmup_steps": t.warmup_steps,
+        f"{actor}.optim.lr": t.lr, f"{actor}.optim.lr_warmup_steps": warmup_steps(t),
         f"{actor}.optim.weight_decay": t.weight_decay, f"{actor}.grad_clip": t.grad_clip, f"{actor}.entropy_coeff": 0,
         f"{rollout}.n": r.n, f"{rollout}.temperature": r.temperature, f"{rollout}.top_p": r.top_p, f"{rollout}.top_k": r.top_k,
         f"{rollout}.val_kwargs.temperature": t.eval_temperature, f"{rollout}.val_kwargs.top_p": t.eval_top_p,

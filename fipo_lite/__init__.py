@@ -1,7 +1,7 @@
 """fipo_lite: FIPO (Future-KL Influenced Policy Optimization) on one machine.
 
 The objective is importable from the top: `future_kl`, `policy_loss`, `from_recipe`; so is the
-notebook API (`fipo_lite/api.py`), loaded on first use: `train`, `ablate`, `plot`, `evaluate`, `plan`.
+notebook API (`fipo_lite/api.py`), loaded on first use: `train`, `ablate`, `plot`, `evaluate`, `export`, `plan`.
 """
 
 import importlib
@@ -11,8 +11,8 @@ from .objective import LOSS_AGG_MODES, MODES, aggregate, from_recipe, influence_
 
 __version__ = "0.1.0"
 __all__ = ["future_kl", "future_kl_chunked", "policy_loss", "from_recipe", "influence_bounds", "aggregate", "MODES", "LOSS_AGG_MODES",
-           "train", "ablate", "plot", "evaluate", "plan", "Run"]
-_API = ("train", "ablate", "plot", "evaluate", "plan", "Run")
+           "train", "ablate", "plot", "evaluate", "export", "plan", "Run"]
+_API = ("train", "ablate", "plot", "evaluate", "export", "plan", "Run")
 
 
 def __getattr__(name: str):

@@ -1,9 +1,11 @@
-"""The notebook API: `fipo_lite.train`, `fipo_lite.ablate`, `fipo_lite.plot`, `fipo_lite.evaluate`, `fipo_lite.plan`.
+"""The notebook API: `fipo_lite.train`, `fipo_lite.ablate`, `fipo_lite.plot`, `fipo_lite.evaluate`, `fipo_lite.export`,
+`fipo_lite.plan`.
 
 Each is a thin layer over its command, so a notebook and the CLI run the same code: `train` calls
 `trainer.train` in this process (live tqdm progress), `ablate` calls `ablation.run_ablation` (every run a
 `python -m fipo_lite train` subprocess, so GPU memory is returned after each), `plot` calls
-`plots.make_figure`, `evaluate` calls `evaluation.main`, `plan` calls `planner.plan`.
+`plots.make_figure`, `evaluate` calls `evaluation.main`, `export` calls `exporting.export_model`, `plan` calls
+`planner.plan`.
 
 Overrides are the CLI's dotted keys, in any of three spellings (later ones win):
 
@@ -121,6 +123,9 @@ class Run:
 
     def evaluate(self, **kwargs) -> Evaluation:
         return evaluate(self, **kwargs)
+
+    def export(self, out: str | Path, **kwargs) -> Path:
+        return export(self, out, **kwargs)
 
     def __repr__(self) -> str:
         rows = self.rows
@@ -332,6 +337,17 @@ def evaluate(model: Run | str | Path, data: str | None = None, *, k: int = 8, n_
         raise ValueError(err.getvalue().strip() or f"evaluate failed (exit {rc})")
     summary = json.loads((out / "summary.json").read_text())
     return Evaluation(summary, _frame(M.read_jsonl(out / "per_problem.jsonl")), out)
+
+
+# ----------------------------------------------------------------------------- export
+def export(model: Run | str | Path, out: str | Path, *, dtype: str | None = None, base: str | None = None,
+           push_to_hub: str | None = None, private: bool = False) -> Path:
+    """A run (its newest good checkpoint) or a checkpoint as a plain Hugging Face model directory, the
+    LoRA adapter merged into the base, as `python -m fipo_lite export`; returns the directory."""
+    from .exporting import export_model
+
+    source = model.dir if isinstance(model, Run) else model
+    return export_model(source, out, dtype=dtype, base=base, push_to_hub=push_to_hub, private=private)
 
 
 # ----------------------------------------------------------------------------- memory plan

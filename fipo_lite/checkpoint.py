@@ -279,6 +279,22 @@ def find_latest(ckpt_root: str | Path) -> Path | None:
     return None
 
 
+def of_run(run_dir: str | Path) -> Path:
+    """The checkpoint that `evaluate RUN` and `export RUN` read: the run's newest checkpoint whose files
+    match their manifest. Newer damaged ones are named in a warning; none at all is a CheckpointError."""
+    root = Path(run_dir) / "checkpoints"
+    latest = find_latest(root)
+    found = candidates(root)
+    if latest is None:
+        damaged = f" that verify ({len(found)} damaged, newest {found[0].name})" if found else ""
+        raise CheckpointError(f"{run_dir} is a run directory without finished checkpoints{damaged}")
+    skipped = [c.name for c in found if c.name > latest.name]
+    if skipped:
+        print(f"[fipo_lite] warning: {', '.join(skipped)} of {run_dir} do not match their manifest; using {latest.name}",
+              file=sys.stderr)
+    return latest
+
+
 def load_adapter(ckpt_dir: str | Path, model) -> None:
     """Load the checkpoint's adapter weights into `model` (in place); a mismatch is one CheckpointError."""
     ckpt_dir = Path(ckpt_dir)

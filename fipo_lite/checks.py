@@ -1,10 +1,10 @@
 """Checks and path resolution that backends, engines and commands share, with no model code.
 
-`require_gpu_package` names the gpu extra when one of its packages is missing; `resolve_model_path`
-turns model.path ("tiny", a GGUF file or packaged model, a local dir or hub name) into what
-transformers or vLLM loads; `check_model_path` rejects a path that is neither a directory nor a hub
-name. A leaf: imports no backend or engine (only, when asked, the tiny model's builder and the GGUF
-converter), so the vLLM engine does not import a model backend for them.
+`require_gpu_package` names the gpu extra when one of its packages is missing, `require_extra` any
+other extra; `resolve_model_path` turns model.path ("tiny", a GGUF file or packaged model, a local dir
+or hub name) into what transformers or vLLM loads; `check_model_path` rejects a path that is neither a
+directory nor a hub name. A leaf: imports no backend or engine (only, when asked, the tiny model's builder
+and the GGUF converter), so the vLLM engine does not import a model backend for them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ def require_gpu_package(package: str, what: str) -> None:
     """
     if importlib.util.find_spec(package) is None:
         raise ImportError(f"{what} needs the '{package}' package, which is not installed: {GPU_EXTRA}")
+
+
+def require_extra(package: str, extra: str, what: str) -> None:
+    """A one-line error naming the pyproject extra when an optional package is asked for and missing."""
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"{what} needs the '{package}' package, which is not installed: "
+                        f"pip install -e '.[{extra}]' (in the fipo_lite checkout)")
 
 
 def resolve_model_path(model_cfg) -> str:

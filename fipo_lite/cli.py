@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "train": ("fipo_lite.trainer", "train an adapter: train --config FILE [key=value ...]"),
     "evaluate": ("fipo_lite.evaluation", "avg@k / pass@k / cons@k of a model or checkpoint on a data file"),
+    "export": ("fipo_lite.exporting", "merge a run's adapter into its base, write a HF model dir: export RUN --out DIR"),
     "plot": ("fipo_lite.plots", "response-length dynamics of one or more runs: plot RUN_DIR [...] -o OUT.png"),
     "ablate": ("fipo_lite.ablation", "run a grid of overrides over seeds: ablate configs/ablations/NAME.yaml"),
     "plan": ("fipo_lite.planner", "predict peak GPU memory: plan --config FILE --gpu-gb N"),

@@ -27,12 +27,9 @@ def resolve_model(model_path: str) -> tuple[str, Path | None]:
     `adapter/` names the base model) or a run dir (its latest checkpoint)."""
     p = Path(model_path)
     if (p / "checkpoints").is_dir():
-        from .checkpoint import find_latest
+        from .checkpoint import of_run
 
-        latest = find_latest(p / "checkpoints")
-        if latest is None:
-            raise ValueError(f"{p} is a run directory without finished checkpoints")
-        p = latest
+        p = of_run(p)
     for adapter in (p / "adapter", p):
         if (adapter / "adapter_config.json").is_file():
             from peft import PeftConfig

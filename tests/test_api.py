@@ -27,8 +27,9 @@ def test_import_stays_light_and_api_names_resolve():
     # ablate / evaluate are plain API functions; importing the command modules (ablation, evaluation) leaves them be
     importlib.import_module("fipo_lite.ablation")
     importlib.import_module("fipo_lite.evaluation")
-    assert fipo_lite.ablate is api.ablate and fipo_lite.evaluate is api.evaluate
-    assert inspect.isfunction(fipo_lite.ablate) and inspect.isfunction(fipo_lite.evaluate)
+    importlib.import_module("fipo_lite.exporting")
+    assert fipo_lite.ablate is api.ablate and fipo_lite.evaluate is api.evaluate and fipo_lite.export is api.export
+    assert inspect.isfunction(fipo_lite.ablate) and inspect.isfunction(fipo_lite.evaluate) and inspect.isfunction(fipo_lite.export)
     assert "variants" in inspect.signature(fipo_lite.ablate).parameters
     with pytest.raises(AttributeError, match="no attribute 'trian'"):
         fipo_lite.trian  # noqa: B018

@@ -14,6 +14,8 @@ Layout of OUTPUT_DIR (checkpoints/ is described in checkpoint.py):
   config_history.jsonl  one row per resume that changed the config: step it took effect, time, pid,
                         checkpoint, {key: [old, new]}, and whether trainer.allow_config_change allowed it
   metrics.jsonl         one row per step
+  tracking.json         the experiment trackers' run ids and last steps logged (tracking.py), when trainer.logger has one
+  tensorboard/ wandb/   trainer.logger's TensorBoard events and W&B files (W&B's go to WANDB_DIR when it is set)
   checkpoints/          step_NNNNNN/ folders
 """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, metrics as M, rundir
+from . import checkpoint, metrics as M, rundir, tracking
 from .config import gen_batch_size, load_config, policy_loss_kwargs
 from .data import encode_prompts
 from .engines import SamplingParams, build_engine
@@ -350,13 +350,15 @@ def apply_optimizer_config(optimizer, scheduler, t) -> None:
 
 def train(cfg: DictConfig) -> dict:
     """Run (or resume) a training run; returns the last step's metrics. The output directory is held
-    by this run alone, and a resume must continue the same experiment (see rundir.py)."""
-    with rundir.hold(cfg.output_dir):
+    by this run alone, and a resume must continue the same experiment (see rundir.py). The experiment
+    trackers (trainer.logger) are checked before anything loads and closed however the run ends."""
+    tracking.require(cfg.trainer.logger)
+    with rundir.hold(cfg.output_dir), tracking.Tracker() as tracker:
         resume = rundir.open_run(cfg)  # before the model loads: a refused resume stops at once
-        return _train(cfg, resume)
+        return _train(cfg, resume, tracker)
 
 
-def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
+def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, tracker: tracking.Tracker) -> dict:
     from .backends import load_model
     from .data import load_examples
     from .rewards import RewardRunner
@@ -414,21 +416,24 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
 
     sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                               logprobs=bool(a.tis_cap) or r.engine == "vllm")
-    if start == 0 and t.eval_every > 0:
-        M.append_jsonl(metrics_path, {M.STEP: 0, **run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn)})
-
     fg = a.filter_groups
     if fg.enable:
         at_cap = "stop with an error" if fg.on_cap == "error" else "train on the groups kept (metric train/partial_batch = 1)"
         print(f"[fipo_lite] dynamic sampling: generation batches of {gen_batch_size(cfg)} prompts, at most "
               f"{fg.max_num_gen_batches or 'unlimited'} per step; at the cap: {at_cap} (algorithm.filter_groups.on_cap={fg.on_cap})",
               file=sys.stderr)
+    tracker.open(cfg, start, resumed=resume_from is not None)  # the console's progress bar starts here
 
-    from tqdm.auto import tqdm
+    def record(row: dict) -> None:
+        """A step's metrics: metrics.jsonl (what plot and ablate read), then the trackers."""
+        M.append_jsonl(metrics_path, row)
+        tracker.log(row)
 
-    bar = tqdm(range(start + 1, t.total_steps + 1), initial=start, total=t.total_steps, desc="fipo_lite", disable=not t.progress, dynamic_ncols=True)
+    if start == 0 and t.eval_every > 0:
+        record({M.STEP: 0, **run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn)})
+
     row: dict = {}
-    for step in bar:
+    for step in range(start + 1, t.total_steps + 1):
         t0 = time.perf_counter()
         # 1. rollout with DAPO dynamic sampling: keep groups whose accuracy varies, refill.
         timings: dict[str, float] = {}
@@ -477,16 +482,13 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.total_steps):
             row.update(run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn))
         row["time/step_s"] = time.perf_counter() - t0
-        M.append_jsonl(metrics_path, row)
-        bar.set_postfix(reward=f"{row[M.REWARD_MEAN]:.2f}", acc=f"{row[M.ACCURACY]:.2f}", len=f"{row[M.LENGTH['mean']]:.1f}",
-                        val=f"{row[M.VAL_AVG]:.2f}" if M.VAL_AVG in row else "-")
+        record(row)
 
         # 4. checkpoint (after eval, so the saved RNG state is the one the next step starts from).
         if t.save_every > 0 and (step % t.save_every == 0 or step == t.total_steps):
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "data": stream.state_dict(), "rng": checkpoint.rng_state()}
             checkpoint.save(ckpt_root, step, model, state, keep=t.keep_checkpoints, config=OmegaConf.to_container(cfg))
-    bar.close()
     return row
 
 

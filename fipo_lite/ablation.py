@@ -98,7 +98,9 @@ def run_dir(ab: Ablation, variant: str, seed: int) -> Path:
 
 
 def overrides(ab: Ablation, variant: str, seed: int) -> list[str]:
-    return [*ab.common, *ab.variants[variant], f"seed={seed}", f"output_dir={run_dir(ab, variant, seed)}", "trainer.progress=false"]
+    # the tracker run's name says which cell of the grid it is (the grid's own keys may rename it)
+    return [f"trainer.run_name={ab.name}/{variant}/seed_{seed}", *ab.common, *ab.variants[variant], f"seed={seed}",
+            f"output_dir={run_dir(ab, variant, seed)}", "trainer.progress=false"]
 
 
 def train_command(ab: Ablation, variant: str, seed: int) -> list[str]:

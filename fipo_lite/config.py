@@ -34,6 +34,7 @@ from .policy import LEAN_FORWARD
 from .rewards import reward_names
 from .tasks import FORM_TASKS
 from .tiny import TinyModelConfig
+from .tracking import LOGGERS
 
 # policy_loss's keyword defaults are the algorithm section's defaults (one home for each number).
 _LOSS = {k: p.default for k, p in inspect.signature(policy_loss).parameters.items() if p.default is not p.empty}
@@ -195,6 +196,12 @@ class TrainerConfig:
     log_rollouts_max: int = 512  # rows per step in rollouts/ (0: every sample); evaluations write all theirs
     print_samples_every: int = 10  # print a few of the step's completions to the console every N steps (0: never)
     print_samples_num: int = 2  # how many (one per group, the trained groups first)
+    # Experiment trackers, a list of tracking.LOGGERS (console | tensorboard | wandb | mlflow; "a,b" or one name
+    # also work); metrics.jsonl is always written. console: the progress bar's figures (a line per step with
+    # progress=false). tensorboard / wandb / mlflow are optional extras; a resumed run continues its tracker runs.
+    logger: Any = field(default_factory=lambda: ["console"])
+    project: str = "fipo_lite"  # W&B project, MLflow experiment
+    run_name: Optional[str] = None  # W&B / MLflow run name; None: the name of output_dir
     num_threads: int = 0  # torch CPU threads; 0: leave torch's default
     allow_config_change: bool = False  # resume even though training-relevant keys changed (recorded in the run dir)
 
@@ -223,7 +230,8 @@ class RunConfig:
 RESUME_SAFE_KEYS = frozenset({
     "output_dir", "trainer.total_steps", "trainer.eval_every", "trainer.save_every", "trainer.keep_checkpoints",
     "trainer.resume", "trainer.progress", "trainer.log_rollouts", "trainer.log_rollouts_max", "trainer.print_samples_every",
-    "trainer.print_samples_num", "trainer.num_threads", "trainer.allow_config_change",
+    "trainer.print_samples_num", "trainer.logger", "trainer.project", "trainer.run_name", "trainer.num_threads",
+    "trainer.allow_config_change",
     "trainer.logprob_chunk_size", "trainer.share_prompt_forward", "trainer.lean_forward", "trainer.micro_batch_size", "trainer.max_tokens_per_micro_batch",
     "model.device", "model.cache_dir", "model.gradient_checkpointing", "model.offload_gradients", "model.attn_implementation",
     "rollout.generation_batch_size", "rollout.merge_lora", "rollout.lean_decode", "rollout.vllm.gpu_memory_utilization", "rollout.vllm.enable_prefix_caching",
@@ -382,7 +390,20 @@ def _usable_dir(path: str) -> bool:
     return True
 
 
+def _check_loggers(cfg: DictConfig) -> None:
+    """trainer.logger as a list of tracker names (a string "a,b" or one name is accepted and turned into one)."""
+    value = cfg.trainer.logger
+    names = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+    if not isinstance(names, (list, ListConfig)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"config key 'trainer.logger' is {_short(value)}; must be a list of tracker names from {list(LOGGERS)}")
+    bad = [n for n in names if n not in LOGGERS]
+    if bad:
+        raise ConfigError(f"config key 'trainer.logger' has {bad[0]!r}; valid values: {list(LOGGERS)}")
+    cfg.trainer.logger = list(dict.fromkeys(names))
+
+
 def validate(cfg: DictConfig) -> None:
+    _check_loggers(cfg)
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value in ("True", "False") and value.lower() in allowed:  # `key=false` / `key: false` arrive as a bool

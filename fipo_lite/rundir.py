@@ -15,6 +15,8 @@ Layout of OUTPUT_DIR (checkpoints/ is described in checkpoint.py):
                         checkpoint, {key: [old, new]}, and whether trainer.allow_config_change allowed it
   metrics.jsonl         one row per step
   rollouts/, eval/      step_NNNNNN.jsonl: each step's and each evaluation's completions (samples.py)
+  tracking.json         the experiment trackers' run ids and last steps logged (tracking.py), when trainer.logger has one
+  tensorboard/ wandb/   trainer.logger's TensorBoard events and W&B files (W&B's go to WANDB_DIR when it is set)
   checkpoints/          step_NNNNNN/ folders
 """
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, metrics as M, rundir, samples as S
+from . import checkpoint, metrics as M, rundir, samples as S, tracking
 from .config import gen_batch_size, load_config, policy_loss_kwargs, warmup_steps
 from .data import encode_prompts
 from .engines import SamplingParams, build_engine
@@ -309,17 +309,18 @@ def _acc(sums: dict, counts: dict, key: str, value: float) -> None:
 
 
 # ----------------------------------------------------------------------------- evaluation, samples, perf
-def run_eval(engine, tokenizer, examples, prompt_ids, cfg, reward_fn, step: int) -> dict[str, float]:
+def run_eval(engine, tokenizer, examples, prompt_ids, cfg, reward_fn, step: int, tracker=None) -> dict[str, float]:
     """The periodic evaluation's metrics; its samples go to eval/ (log_samples)."""
     params = SamplingParams(n=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature, top_p=cfg.trainer.eval_top_p, max_new_tokens=cfg.rollout.max_new_tokens)
     summary, problems = evaluate_rollouts(engine, tokenizer, examples, cfg.trainer.eval_k, params, reward_fn, prompt_ids=prompt_ids)
-    log_samples(cfg, S.EVAL_DIR, step, S.eval_rows(step, examples, problems))
+    log_samples(cfg, S.EVAL_DIR, step, S.eval_rows(step, examples, problems), tracker)
     return summary
 
 
-def log_samples(cfg: DictConfig, kind: str, step: int, rows: list[dict]) -> None:
-    """Where a step's sample rows go (samples.py): OUTPUT_DIR/KIND/step_NNNNNN.jsonl, and for training
-    steps a few on the console every trainer.print_samples_every steps."""
+def log_samples(cfg: DictConfig, kind: str, step: int, rows: list[dict], tracker=None) -> None:
+    """Where a step's sample rows go (samples.py): OUTPUT_DIR/KIND/step_NNNNNN.jsonl; for training
+    steps a few on the console every trainer.print_samples_every steps; to the experiment trackers as
+    a table (every evaluation, and the training steps that print)."""
     t = cfg.trainer
     if kind == S.ROLLOUTS_DIR and t.log_rollouts_max:
         rows = rows[: t.log_rollouts_max]
@@ -330,6 +331,8 @@ def log_samples(cfg: DictConfig, kind: str, step: int, rows: list[dict]) -> None
 
         tqdm.write(f"[fipo_lite] step {step}: {min(t.print_samples_num, len({r['group'] for r in rows}))} of its completions\n"
                    f"{S.format_rows(rows, t.print_samples_num)}", file=sys.stderr)
+    if tracker is not None and rows and (kind == S.EVAL_DIR or (t.print_samples_every and step % t.print_samples_every == 0)):
+        tracker.log_table(kind, rows, step=step)
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -383,13 +386,15 @@ def apply_optimizer_config(optimizer, scheduler, t) -> None:
 
 def train(cfg: DictConfig) -> dict:
     """Run (or resume) a training run; returns the last step's metrics. The output directory is held
-    by this run alone, and a resume must continue the same experiment (see rundir.py)."""
-    with rundir.hold(cfg.output_dir):
+    by this run alone, and a resume must continue the same experiment (see rundir.py). The experiment
+    trackers (trainer.logger) are checked before anything loads and closed however the run ends."""
+    tracking.require(cfg.trainer.logger)
+    with rundir.hold(cfg.output_dir), tracking.Tracker() as tracker:
         resume = rundir.open_run(cfg)  # before the model loads: a refused resume stops at once
-        return _train(cfg, resume)
+        return _train(cfg, resume, tracker)
 
 
-def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
+def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, tracker: tracking.Tracker) -> dict:
     from .backends import load_model
     from .data import load_examples
     from .rewards import RewardRunner
@@ -449,21 +454,24 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
 
     sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                               logprobs=bool(a.tis_cap) or r.engine == "vllm")
-    if start == 0 and t.eval_every > 0:
-        M.append_jsonl(metrics_path, {M.STEP: 0, **run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn, step=0)})
-
     fg = a.filter_groups
     if fg.enable:
         at_cap = "stop with an error" if fg.on_cap == "error" else "train on the groups kept (metric train/partial_batch = 1)"
         print(f"[fipo_lite] dynamic sampling: generation batches of {gen_batch_size(cfg)} prompts, at most "
               f"{fg.max_num_gen_batches or 'unlimited'} per step; at the cap: {at_cap} (algorithm.filter_groups.on_cap={fg.on_cap})",
               file=sys.stderr)
+    tracker.open(cfg, start, resumed=resume_from is not None)  # the console's progress bar starts here
 
-    from tqdm.auto import tqdm
+    def record(row: dict) -> None:
+        """A step's metrics: metrics.jsonl (what plot and ablate read), then the trackers."""
+        M.append_jsonl(metrics_path, row)
+        tracker.log(row)
 
-    bar = tqdm(range(start + 1, t.total_steps + 1), initial=start, total=t.total_steps, desc="fipo_lite", disable=not t.progress, dynamic_ncols=True)
+    if start == 0 and t.eval_every > 0:
+        record({M.STEP: 0, **run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn, step=0, tracker=tracker)})
+
     row: dict = {}
-    for step in bar:
+    for step in range(start + 1, t.total_steps + 1):
         t0 = time.perf_counter()
         if policy.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(policy.device)  # perf/max_memory_allocated_gb: this step's peak
@@ -516,21 +524,18 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None) -> dict:
         row["time/sample_s"], row["time/reward_s"] = timings.get("sample", 0.0), timings.get("reward", 0.0)
         sampled_tokens = sum(len(resp) for g in sampled for resp in g.responses)
         row[M.SAMPLE_TOKENS_PER_S] = sampled_tokens / row["time/sample_s"] if row["time/sample_s"] > 0 else math.nan
-        log_samples(cfg, S.ROLLOUTS_DIR, step, S.rollout_rows(step, sampled, kept))
+        log_samples(cfg, S.ROLLOUTS_DIR, step, S.rollout_rows(step, sampled, kept), tracker)
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.total_steps):
-            row.update(run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn, step=step))
+            row.update(run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn, step=step, tracker=tracker))
         row.update(peak_memory(policy.device))
         row["time/step_s"] = time.perf_counter() - t0
-        M.append_jsonl(metrics_path, row)
-        bar.set_postfix(reward=f"{row[M.REWARD_MEAN]:.2f}", acc=f"{row[M.ACCURACY]:.2f}", len=f"{row[M.LENGTH['mean']]:.1f}",
-                        val=f"{row[M.VAL_AVG]:.2f}" if M.VAL_AVG in row else "-")
+        record(row)
 
         # 4. checkpoint (after eval, so the saved RNG state is the one the next step starts from).
         if t.save_every > 0 and (step % t.save_every == 0 or step == t.total_steps):
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "data": stream.state_dict(), "rng": checkpoint.rng_state()}
             checkpoint.save(ckpt_root, step, model, state, keep=t.keep_checkpoints, config=OmegaConf.to_container(cfg))
-    bar.close()
     return row
 
 

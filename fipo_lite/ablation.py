@@ -40,7 +40,9 @@ from pathlib import Path
 import yaml
 
 from . import metrics as M
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import UserError
+from .rewards import build_components
 
 KEYS = {"name", "description", "base", "common", "seeds", "variants", "runs_dir", "out_dir"}
 TRAIN_CMD_ENV = "FIPO_LITE_ABLATE_TRAIN_CMD"  # tests substitute a fake trainer here
@@ -244,7 +246,8 @@ def run_ablation(ab: Ablation, *, jobs: int = 1, dry_run: bool = False) -> dict:
     for variant in ab.variants:
         try:
             cfg = load_config(ab.base, overrides(ab, variant, ab.seeds[0]))
-        except ConfigError as e:
+            build_components(cfg.reward)  # reward.function(s) load here too (same working directory as the runs)
+        except UserError as e:
             raise ValueError(f"variant '{variant}': {e}") from None
         totals[variant] = cfg.trainer.total_steps
     tasks = [(v, s) for v in ab.variants for s in ab.seeds]

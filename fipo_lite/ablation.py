@@ -14,7 +14,9 @@ An ablation file:
     runs_dir: runs/ablations/tau       # optional (default runs/ablations/NAME)
     out_dir: results/ablations/tau     # optional (default results/ablations/NAME)
 
-Each run is a subprocess writing RUNS_DIR/VARIANT/seed_S; a run whose metrics.jsonl already
+Each run is a subprocess (started in this working directory, so a relative `reward.function` file or
+data path means the same file there; every variant's config and reward files are loaded here first,
+before any run) writing RUNS_DIR/VARIANT/seed_S; a run whose metrics.jsonl already
 reaches its last step is skipped, so an interrupted ablation resumes where it stopped. Runs go one
 at a time by default (on a small CPU box parallel runs only slow each other down); a failed run is
 reported at the end and the others still run.

@@ -184,7 +184,7 @@ def reward_entries(reward_funcs: Any, reward_weights: Any = None) -> tuple[list[
         qualname = getattr(fn, "__qualname__", type(fn).__name__)
         name = name or getattr(fn, "__name__", None)
         if not name or name == "<lambda>":
-            raise ConfigError(f"{where} is a lambda: give it a name, e.g. reward_funcs={{'my_reward': fn}} (it names the metric "
+            raise ConfigError(f"{where} has no name (a lambda?): give it one, e.g. reward_funcs={{'my_reward': fn}} (it names the metric "
                               "reward/<name>/mean)")
         entries.append({"function": f"{CALLABLE}{getattr(fn, '__module__', None) or '?'}.{qualname}", "weight": weight, "name": name})
         callables[name] = fn
@@ -345,12 +345,24 @@ class Evaluation:
                 f"{int(s['val/num_problems'])} problems, '{self.dir}')")
 
 
+def _accuracy_reward(cfg: DictConfig) -> str:
+    """The reward whose `correct` is a run's accuracy: reward.name, or the first of reward.function(s)."""
+    from .rewards import component_entries, spec_kind
+
+    spec = component_entries(cfg.reward)[0][1]
+    if spec_kind(spec) == "callable":
+        raise ValueError(f"the run's reward {spec} is a Python function, which evaluate cannot load: pass reward= "
+                         "(a built-in name or PATH.py:NAME)")
+    return spec
+
+
 def evaluate(model: Run | str | Path, data: str | None = None, *, k: int = 8, n_problems: int | None = None,
              max_new_tokens: int | None = None, engine: str | None = None, dtype: str | None = None,
              reward: str | None = None, device: str | None = None, out: str | Path | None = None, seed: int = 0) -> Evaluation:
     """avg@k / pass@k / cons@k of a run (its latest checkpoint), a checkpoint or a model, as
     `python -m fipo_lite evaluate`. For a run, unset arguments come from its config: the validation
-    data and size, response length, sampler, dtype and reward. Writes to `out` (default RUN/eval)."""
+    data and size, response length, sampler, dtype and reward (the first of reward.function(s): its `correct`
+    is the accuracy). `reward`: a built-in name or PATH.py:NAME. Writes to `out` (default RUN/eval)."""
     from . import evaluation as E
 
     run = model if isinstance(model, Run) else (Run.load(model) if (Path(model) / "config.yaml").is_file() else None)
@@ -361,7 +373,7 @@ def evaluate(model: Run | str | Path, data: str | None = None, *, k: int = 8, n_
         max_new_tokens = max_new_tokens or c.rollout.max_new_tokens
         engine = engine or c.rollout.engine
         dtype = dtype or (c.rollout.vllm.dtype if engine == "vllm" else c.model.dtype)
-        reward = reward or c.reward.name
+        reward = reward or _accuracy_reward(c)
         device = device or c.model.device
         model = run.dir
     if data is None:

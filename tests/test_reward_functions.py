@@ -54,7 +54,7 @@ def test_reward_file_in_a_tiny_run(tiny_model_dir, tmp_path, monkeypatch):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.chdir(tmp_path)  # relative paths: taken from the working directory
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", _overrides(
-        tiny_model_dir, tmp_path / "run", **{"data.train": "d.jsonl",
+        tiny_model_dir, tmp_path / "run", **{"data.train": "d.jsonl", "data.val": "d.jsonl", "data.val_size": 4, "trainer.save_every": 1,
                                             "reward.functions": "[{function: rw/mine.py:ends_right}, {function: rw/mine.py:length, weight: 0.5, name: len}]"}))
     assert cfg.reward.functions[1].function == f"{tmp_path}/rw/mine.py:length"  # stored absolute
     row = train(cfg)
@@ -75,6 +75,11 @@ def test_reward_file_in_a_tiny_run(tiny_model_dir, tmp_path, monkeypatch):
         assert c["extra"] == {"level": source["level"], "id": source["extra_info"]["id"]}
     assert all(c["keys"] == ["data_source", "extra", "prompt"] for c in length)  # **kwargs: every context keyword
     assert M.read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["reward/len/mean"] == pytest.approx(row["reward/len/mean"])
+    # evaluate scores the run with its first reward (the accuracy one), loaded from the file again
+    ev = api.evaluate(tmp_path / "run", k=2)
+    calls = [json.loads(line) for line in (tmp_path / "rw" / "calls.jsonl").read_text().splitlines()][len(calls):]
+    assert {c["fn"] for c in calls} == {"ends_right"} and len(calls) == 4 * 2
+    assert ev.summary[M.VAL_AVG] == pytest.approx(mean([c["score"] for c in calls]))
 
 
 def quarter(response, ground_truth):
@@ -96,7 +101,7 @@ def test_notebook_api_takes_python_functions(tiny_model_dir, tmp_path, capsys):
     # the run's config cannot bring a Python function back: the command says what to do
     assert main(["--config", str(out / "config.yaml"), "trainer.total_steps=2"]) == 2
     assert "a Python function handed to fipo_lite.train(reward_funcs=...)" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"reward_funcs\[0\] is a lambda: give it a name"):
+    with pytest.raises(ConfigError, match=r"reward_funcs\[0\] has no name \(a lambda\?\): give it one"):
         api.train(ROOT / "configs" / "tiny_cpu.yaml", reward_funcs=[lambda r, t: 1.0])
     with pytest.raises(ConfigError, match="reward_weights has 1 numbers for 2 reward_funcs"):
         api.train(ROOT / "configs" / "tiny_cpu.yaml", reward_funcs=[quarter, "exact"], reward_weights=[1.0])

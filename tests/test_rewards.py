@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fipo_lite import rewards as R
-from fipo_lite.config import OverlongConfig, RewardConfig
+from fipo_lite.config import OverlongConfig, RewardConfig, RewardFunctionConfig as R_FN
 from fipo_lite.data import load_examples
 
 
@@ -171,9 +171,6 @@ def user_rewards(tmp_path):
 
 def _fns(*entries, **kw):
     return RewardConfig(functions=[R_FN(function=f, weight=w, name=n) for f, w, n in entries], **kw)
-
-
-from fipo_lite.config import RewardFunctionConfig as R_FN  # noqa: E402
 
 
 @pytest.mark.parametrize("timeout_s", [0, 5])  # in this process, and in a forked worker

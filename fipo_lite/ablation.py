@@ -14,7 +14,9 @@ An ablation file:
     runs_dir: runs/ablations/tau       # optional (default runs/ablations/NAME)
     out_dir: results/ablations/tau     # optional (default results/ablations/NAME)
 
-Each run is a subprocess writing RUNS_DIR/VARIANT/seed_S; a run whose metrics.jsonl already
+Each run is a subprocess (started in this working directory, so a relative `reward.function` file or
+data path means the same file there; every variant's config and reward files are loaded here first,
+before any run) writing RUNS_DIR/VARIANT/seed_S; a run whose metrics.jsonl already
 reaches its last step is skipped, so an interrupted ablation resumes where it stopped. Runs go one
 at a time by default (on a small CPU box parallel runs only slow each other down); a failed run is
 reported at the end and the others still run.
@@ -40,7 +42,9 @@ from pathlib import Path
 import yaml
 
 from . import metrics as M
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import UserError
+from .rewards import build_components
 
 KEYS = {"name", "description", "base", "common", "seeds", "variants", "runs_dir", "out_dir"}
 TRAIN_CMD_ENV = "FIPO_LITE_ABLATE_TRAIN_CMD"  # tests substitute a fake trainer here
@@ -246,7 +250,8 @@ def run_ablation(ab: Ablation, *, jobs: int = 1, dry_run: bool = False) -> dict:
     for variant in ab.variants:
         try:
             cfg = load_config(ab.base, overrides(ab, variant, ab.seeds[0]))
-        except ConfigError as e:
+            build_components(cfg.reward)  # reward.function(s) load here too (same working directory as the runs)
+        except UserError as e:
             raise ValueError(f"variant '{variant}': {e}") from None
         totals[variant] = cfg.trainer.total_steps
     tasks = [(v, s) for v in ab.variants for s in ab.seeds]

@@ -7,6 +7,7 @@ Each is a thin layer over its command, so a notebook and the CLI run the same co
 `plots.make_figure`, `evaluate` calls `evaluation.main`, `export` calls `exporting.export_model`, `plan` calls
 `planner.plan`.
 
+`train(..., reward_funcs=fn)` takes your reward as a Python function (or a list, with `reward_weights`).
 Overrides are the CLI's dotted keys, in any of three spellings (later ones win):
 
     fipo_lite.train("configs/tiny_cpu.yaml", "trainer.total_steps=5")             # CLI strings
@@ -163,14 +164,60 @@ def _finished_step(cfg: DictConfig) -> int | None:
     return step if step >= cfg.trainer.total_steps and (Path(cfg.output_dir) / "config.yaml").is_file() else None
 
 
-def train(config: str | Path | dict | DictConfig | None = None, *dotlist: str, **overrides: Any) -> Run:
+def reward_entries(reward_funcs: Any, reward_weights: Any = None) -> tuple[list[dict], dict[str, Any]]:
+    """`reward_funcs` (a function, a spec string, a list of them, or {name: either}) and `reward_weights`
+    (numbers in the same order; default all 1) as reward.functions entries, plus {name: function} for
+    the functions. A function is recorded as `callable:<module>.<qualname>`: it runs in this process's
+    forked reward workers, and a later train() of the same run must hand it over again."""
+    if isinstance(reward_funcs, dict):
+        items = [(str(k), v) for k, v in reward_funcs.items()]
+    else:
+        items = [(None, f) for f in (reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])]
+    weights = [1.0] * len(items) if reward_weights is None else list(reward_weights)
+    if len(weights) != len(items):
+        raise ConfigError(f"reward_weights has {len(weights)} numbers for {len(items)} reward_funcs")
+    from .rewards import CALLABLE
+
+    entries, callables = [], {}
+    for i, ((name, fn), weight) in enumerate(zip(items, weights)):
+        where = f"reward_funcs[{name if name is not None else i}]"
+        if isinstance(fn, (str, Path)):
+            entries.append({"function": str(fn), "weight": weight, "name": name})
+            continue
+        if not callable(fn):
+            raise ConfigError(f"{where} is a {type(fn).__name__}; must be a function, a PATH.py:NAME string or a built-in reward name")
+        qualname = getattr(fn, "__qualname__", type(fn).__name__)
+        name = name or getattr(fn, "__name__", None)
+        if not name or name == "<lambda>":
+            raise ConfigError(f"{where} has no name (a lambda?): give it one, e.g. reward_funcs={{'my_reward': fn}} (it names the metric "
+                              "reward/<name>/mean)")
+        entries.append({"function": f"{CALLABLE}{getattr(fn, '__module__', None) or '?'}.{qualname}", "weight": weight, "name": name})
+        callables[name] = fn
+    return entries, callables
+
+
+def train(config: str | Path | dict | DictConfig | None = None, *dotlist: str, reward_funcs: Any = None,
+          reward_weights: list[float] | None = None, **overrides: Any) -> Run:
     """Train in this process, with live progress; returns the `Run`.
 
     Like `python -m fipo_lite train`: a run directory with checkpoints resumes from its latest one, and
     a finished run is returned as it is. Interrupting the cell (KeyboardInterrupt) keeps every finished
     step's metrics and checkpoints; calling `train` again with the same config resumes from the latest
-    checkpoint (saved every `trainer.save_every` steps; later steps are redone)."""
+    checkpoint (saved every `trainer.save_every` steps; later steps are redone).
+
+    `reward_funcs` (as TRL's): a reward function, or a list (or {name: function} dict) of functions,
+    `PATH.py:NAME` strings and built-in names, summed with `reward_weights`; it replaces the config's
+    reward.function(s) / reward.name. Functions are called as in `fipo_lite.rewards` and run in forked
+    reward worker processes (a lambda or closure works, given a name through the dict)."""
     cfg = resolve_config(config, *dotlist, **overrides)
+    callables: dict[str, Any] = {}
+    if reward_funcs is not None:
+        entries, callables = reward_entries(reward_funcs, reward_weights)
+        cfg.reward.function = None
+        cfg = _merge(cfg, {"reward": {"functions": entries}}, "reward_funcs")
+        validate(cfg)
+    elif reward_weights is not None:
+        raise ConfigError("reward_weights needs reward_funcs (for the config's rewards set reward.functions[i].weight)")
     out = Path(cfg.output_dir)
     done = _finished_step(cfg)
     if done is not None:  # what the loop would find after loading the model and the sampler, without loading them
@@ -184,7 +231,7 @@ def train(config: str | Path | dict | DictConfig | None = None, *dotlist: str, *
 
     interrupted = False
     try:
-        last = run_loop(cfg)
+        last = run_loop(cfg, reward_callables=callables)
     except KeyboardInterrupt:
         interrupted = True  # re-raised below, outside this block, so its traceback (and the model) can be freed
     _free_memory()
@@ -303,12 +350,24 @@ class Evaluation:
                 f"{int(s['val/num_problems'])} problems, '{self.dir}')")
 
 
+def _accuracy_reward(cfg: DictConfig) -> str:
+    """The reward whose `correct` is a run's accuracy: reward.name, or the first of reward.function(s)."""
+    from .rewards import component_entries, spec_kind
+
+    spec = component_entries(cfg.reward)[0][1]
+    if spec_kind(spec) == "callable":
+        raise ValueError(f"the run's reward {spec} is a Python function, which evaluate cannot load: pass reward= "
+                         "(a built-in name or PATH.py:NAME)")
+    return spec
+
+
 def evaluate(model: Run | str | Path, data: str | None = None, *, k: int = 8, n_problems: int | None = None,
              max_new_tokens: int | None = None, engine: str | None = None, dtype: str | None = None,
              reward: str | None = None, device: str | None = None, out: str | Path | None = None, seed: int = 0) -> Evaluation:
     """avg@k / pass@k / cons@k of a run (its latest checkpoint), a checkpoint or a model, as
     `python -m fipo_lite evaluate`. For a run, unset arguments come from its config: the validation
-    data and size, response length, sampler, dtype and reward. Writes to `out` (default RUN/eval)."""
+    data and size, response length, sampler, dtype and reward (the first of reward.function(s): its `correct`
+    is the accuracy). `reward`: a built-in name or PATH.py:NAME. Writes to `out` (default RUN/eval)."""
     from . import evaluation as E
 
     run = model if isinstance(model, Run) else (Run.load(model) if (Path(model) / "config.yaml").is_file() else None)
@@ -319,7 +378,7 @@ def evaluate(model: Run | str | Path, data: str | None = None, *, k: int = 8, n_
         max_new_tokens = max_new_tokens or c.rollout.max_new_tokens
         engine = engine or c.rollout.engine
         dtype = dtype or (c.rollout.vllm.dtype if engine == "vllm" else c.model.dtype)
-        reward = reward or c.reward.name
+        reward = reward or _accuracy_reward(c)
         device = device or c.model.device
         model = run.dir
     if data is None:

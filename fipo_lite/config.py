@@ -31,7 +31,7 @@ from .errors import UserError
 from .future_kl import STARTS
 from .objective import DEFAULT_AGG, LOSS_AGG_MODES, MODES, policy_loss, resolve_clip_high
 from .policy import LEAN_FORWARD
-from .rewards import reward_names
+from .rewards import RewardError, absolute_spec, check_entries, reward_names
 from .tasks import FORM_TASKS
 from .tiny import TinyModelConfig
 from .tracking import LOGGERS
@@ -116,8 +116,23 @@ class OverlongConfig:
 
 
 @dataclass
+class RewardFunctionConfig:
+    function: str = ""  # PATH.py:NAME (a function in a Python file) or a built-in reward (exact, auto, ...)
+    weight: float = 1.0  # the total reward is the weighted sum
+    name: Optional[str] = None  # metric reward/<name>/mean; None: the function's (or built-in's) name
+
+
+@dataclass
 class RewardConfig:
     name: str = "auto"  # auto (by data_source) | exact | dapo_math | boxed | any name given to rewards.register
+    # Your own reward: PATH.py:NAME, called as NAME(response, ground_truth, *, prompt=, data_source=, extra=) (the keywords
+    # only if its signature names them) and returning a number, (score, correct, pred) or {"score": ..., "acc": ..., "pred": ...}.
+    # A relative PATH is taken from the working directory and stored absolute. Set, it replaces reward.name.
+    function: Optional[str] = None
+    # Several rewards, summed with weights (TRL's reward_funcs + reward_weights), each logged as reward/<name>/mean:
+    # [{function: PATH.py:NAME | a built-in, weight: 1.0, name: ...}, ...]. The first one's `correct` is the accuracy
+    # (train/accuracy, val avg@k, dynamic sampling's acc). Set, it replaces reward.name (name a built-in in the list instead).
+    functions: list[RewardFunctionConfig] = field(default_factory=list)
     timeout_s: float = 5.0  # a reward call past this scores 0 and is counted; <= 0: score in this process, no limit (debugging)
     num_workers: int = 1  # reward processes (a runaway call is killed with its process)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
@@ -322,6 +337,9 @@ def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = getattr(e, "full_key", None) or str(e)
+        if getattr(e, "object_type", None) is RewardFunctionConfig:  # inside a list entry OmegaConf loses the path
+            raise ConfigError(f"unknown key '{key}' in an entry of reward.functions ({where}); valid keys: "
+                              f"{', '.join(RewardFunctionConfig.__dataclass_fields__)}") from None
         raise _unknown_key_error(str(key)) from None
     except ValidationError as e:
         msg = (e.msg or str(e)).splitlines()[0]
@@ -494,6 +512,20 @@ def validate(cfg: DictConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    _check_reward_functions(cfg.reward)
+
+
+def _check_reward_functions(rw: DictConfig) -> None:
+    """reward.function(s): their shape (rewards.check_entries; files are loaded when the run starts) and
+    each file's path made absolute, so every process of the run, and every ablate subprocess, loads one file."""
+    try:
+        check_entries(rw)
+    except RewardError as e:
+        raise ConfigError(str(e)) from None
+    if rw.function:
+        rw.function = absolute_spec(rw.function)
+    for entry in rw.functions:
+        entry.function = absolute_spec(entry.function)
 
 
 def gen_batch_size(cfg: DictConfig) -> int:

@@ -2,7 +2,8 @@
 
 Loaders (JSONL, verl-format parquet, synthetic tasks) all produce `Example`s; `encode_prompts`
 applies the tokenizer's chat template to `prompt` (trainer, evaluation and the tiny model's warm
-start all use it) and the reward gets `ground_truth`. A bad file raises `DataError`, which the
+start all use it) and the reward gets `ground_truth` (and, if it asks, the prompt, `data_source` and
+`extra`: a row's other fields). A bad file raises `DataError`, which the
 commands print as one line.
 """
 
@@ -66,6 +67,9 @@ def _jsonl_rows(path: Path) -> list[dict]:
     return rows
 
 
+_ROW_KEYS = frozenset({"prompt", "reward_model", "ground_truth", "answer", "data_source", "extra_info"})  # read by _example
+
+
 def _example(row: Any, i: int, path: Path) -> Example:
     """verl schema (prompt = chat list, reward_model.ground_truth, data_source) or flat {prompt, answer}."""
     where = f"{path}: row {i}"
@@ -88,9 +92,12 @@ def _example(row: Any, i: int, path: Path) -> Example:
     source = row.get("data_source") or "unknown"
     if not isinstance(source, str):
         raise DataError(f"{where}: 'data_source' must be a string, got {source!r:.80}")
-    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    # the row's other fields, verl's extra_info merged in: what a reward function gets as `extra`
+    extra = {k: v for k, v in row.items() if k not in _ROW_KEYS}
+    if isinstance(row.get("extra_info"), dict):
+        extra.update(row["extra_info"])
     return Example(prompt=[{"role": m["role"], "content": m["content"]} for m in prompt], ground_truth=str(truth),
-                   data_source=source, index=i, extra=dict(extra))
+                   data_source=source, index=i, extra=extra)
 
 
 def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:

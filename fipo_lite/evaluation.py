@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=0.7, help="default 0.7 (paper)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--n-problems", type=int, default=None, help="evaluate only the first N problems")
-    ap.add_argument("--reward", default="auto", choices=reward_names())
+    ap.add_argument("--reward", default="auto", help=f"a built-in reward {list(reward_names())} or PATH.py:NAME, your own "
+                    "function (its `correct` is the accuracy); default auto")
     ap.add_argument("--reward-timeout", type=float, default=5.0, help="seconds per reward call before it scores 0")
     ap.add_argument("--engine", default="hf", choices=ENGINES)
     ap.add_argument("--device", default="auto", help="hf engine: auto | cpu | cuda")
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import OverlongConfig, RewardConfig
     from .data import load_examples
-    from .rewards import RewardRunner
+    from .rewards import RewardRunner, absolute_spec, spec_kind
 
     try:
         n = args.k if args.n_samples is None else args.n_samples
@@ -131,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         examples = load_examples(args.data, n=args.n_problems, seed=args.seed, split="val")
         if not examples:
             raise ValueError(f"{args.data} has no problems")
-        reward_fn = RewardRunner(RewardConfig(name=args.reward, timeout_s=args.reward_timeout, overlong=OverlongConfig(enable=False)),
+        kind = spec_kind(args.reward)
+        if kind not in ("builtin", "file"):
+            raise ValueError(f"--reward {args.reward!r} must be a built-in reward {list(reward_names())} or PATH.py:NAME")
+        spec = {"name": args.reward} if kind == "builtin" else {"function": absolute_spec(args.reward)}
+        reward_fn = RewardRunner(RewardConfig(**spec, timeout_s=args.reward_timeout, overlong=OverlongConfig(enable=False)),
                                  max_response_length=args.max_new_tokens)
         if args.engine == "vllm":
             from .backends.hf import load_tokenizer

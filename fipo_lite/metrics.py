@@ -62,6 +62,12 @@ MAX_MEMORY_ALLOCATED_GB = "perf/max_memory_allocated_gb"
 PEAK_RSS_GB = "perf/peak_rss_gb"
 
 
+def reward_component(name: str, sampled: bool = False) -> str:
+    """The mean unweighted score of one of reward.function(s): reward/<name>/mean over the batch trained on
+    (TRL's rewards/<name>/mean), sampled/reward_<name>_mean over everything sampled."""
+    return f"sampled/reward_{name}_mean" if sampled else f"reward/{name}/mean"
+
+
 def rollout_stats(lengths: list[int], truncated: list[bool], scores: list[float], accs: list[float]) -> dict[str, float]:
     """Reward mean, accuracy, response-length statistics and clip ratio of a set of samples (NaN when empty)."""
     n = len(lengths)

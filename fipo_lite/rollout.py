@@ -46,7 +46,8 @@ def sample_and_score(engine, tokenizer, examples, prompt_ids: list[list[int]], p
     texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
     t1 = time.perf_counter()
     ex = [examples[i] for i in ro.prompt_index]
-    rewards = reward_fn(texts, [e.ground_truth for e in ex], [e.data_source for e in ex], ro.response_lengths)
+    rewards = reward_fn(texts, [e.ground_truth for e in ex], [e.data_source for e in ex], ro.response_lengths,
+                        prompts=[e.prompt for e in ex], extras=[e.extra for e in ex])
     return Scored(ro, texts, rewards, sample_s=t1 - t0, reward_s=time.perf_counter() - t1)
 
 

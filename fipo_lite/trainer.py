@@ -84,6 +84,7 @@ class Group:
     example: Example | None = None
     gen_batch: int = 0  # the dynamic-sampling batch of its step it came from
     advantages: list[float] | None = None  # set when the group is trained on
+    components: dict[str, list[float]] | None = None  # with reward.function(s): each reward's unweighted scores
 
 
 def rollout_groups(engine, tokenizer, examples, prompt_ids, params: SamplingParams, reward_fn,
@@ -102,6 +103,7 @@ def rollout_groups(engine, tokenizer, examples, prompt_ids, params: SamplingPara
             scores=[float(rew.scores[i]) for i in rows], accs=[float(rew.accs[i]) for i in rows],
             sampler_logprobs=[ro.sampler_logprobs[i] for i in rows] if ro.sampler_logprobs is not None else None,
             texts=[texts[i] for i in rows], preds=[rew.preds[i] for i in rows], example=examples[g], gen_batch=gen_batch,
+            components={k: [v[i] for i in rows] for k, v in rew.components.items()},
         ))
     return groups, int(rew.failures)
 
@@ -162,6 +164,16 @@ def group_metrics(groups: list[Group]) -> dict[str, float]:
     flat = [(len(r), tr, sc, ac) for g in groups for r, tr, sc, ac in zip(g.responses, g.truncated, g.scores, g.accs)]
     lengths, truncated, scores, accs = (list(col) for col in zip(*flat)) if flat else ([], [], [], [])
     return M.rollout_stats(lengths, truncated, scores, accs)
+
+
+def component_metrics(groups: list[Group], names: list[str], sampled: bool = False) -> dict[str, float]:
+    """The mean unweighted score of each of reward.function(s) (`names`) over these groups' samples; a
+    sample whose reward failed (NaN) is left out, as NaN when none is left (as reward/mean of no groups)."""
+    out = {}
+    for name in names:
+        vals = [v for g in groups for v in (g.components or {}).get(name, ()) if not math.isnan(v)]
+        out[M.reward_component(name, sampled)] = sum(vals) / len(vals) if vals else math.nan
+    return out
 
 
 # ----------------------------------------------------------------------------- update
@@ -384,20 +396,26 @@ def apply_optimizer_config(optimizer, scheduler, t) -> None:
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, reward_callables: dict | None = None) -> dict:
     """Run (or resume) a training run; returns the last step's metrics. The output directory is held
     by this run alone, and a resume must continue the same experiment (see rundir.py). The experiment
-    trackers (trainer.logger) are checked before anything loads and closed however the run ends."""
+    trackers (trainer.logger) are checked before anything loads and closed however the run ends.
+    `reward_callables`: {name: function} for the `callable:` rewards the notebook API hands over."""
+    from .rewards import RewardRunner, describe
+
     tracking.require(cfg.trainer.logger)
+    # the rewards load first: a missing file or a bad signature stops before the run directory is touched
+    reward_fn = RewardRunner(cfg.reward, max_response_length=cfg.rollout.max_new_tokens, callables=reward_callables)
+    if reward_fn.named:
+        print(f"[fipo_lite] reward = {describe(reward_fn.components)}", file=sys.stderr)
     with rundir.hold(cfg.output_dir), tracking.Tracker() as tracker:
         resume = rundir.open_run(cfg)  # before the model loads: a refused resume stops at once
-        return _train(cfg, resume, tracker)
+        return _train(cfg, resume, reward_fn, tracker)
 
 
-def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, tracker: tracking.Tracker) -> dict:
+def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker: tracking.Tracker) -> dict:
     from .backends import load_model
     from .data import load_examples
-    from .rewards import RewardRunner
 
     t, a, r = cfg.trainer, cfg.algorithm, cfg.rollout
     out = Path(cfg.output_dir)
@@ -410,7 +428,6 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, tracker: tracking.
     policy = Policy(model, tokenizer, t.logprob_chunk_size, share_prompts=t.share_prompt_forward and cfg.model.backend != "unsloth",
                     lean_forward=use_lean_forward(t.lean_forward, model, cfg.model.backend), temperature=r.temperature)
     engine = build_engine(cfg, model, tokenizer)
-    reward_fn = RewardRunner(cfg.reward, max_response_length=r.max_new_tokens)
     synthetic = cfg.data.train.startswith("synthetic:")
     task = get_task(cfg.data.train.split(":", 1)[1]) if synthetic else None
     form_task = task if task is not None and task.step_line is not None else None  # a task with answer forms to count
@@ -510,6 +527,9 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, tracker: tracking.
         # 3. metrics of the batch trained on (as the recipe), and of everything sampled this step.
         row.update(group_metrics(kept))
         row.update({M.SAMPLED[k]: v for k, v in group_metrics(sampled).items()})
+        names = [c.name for c in reward_fn.components] if reward_fn.named else []
+        row.update(component_metrics(kept, names))
+        row.update(component_metrics(sampled, names, sampled=True))
         row[M.NUM_GEN_BATCHES] = n_gen
         row[M.KEPT_GROUPS] = len(kept)
         row[M.SAMPLED_GROUPS] = len(sampled)

@@ -22,7 +22,7 @@ def test_verl_parquet_files_load(shared_data_dir):
 
 def test_jsonl_flat_and_verl_rows_and_n(tmp_path):
     f = tmp_path / "d.jsonl"
-    rows = [{"prompt": "1+1", "answer": 2},
+    rows = [{"prompt": "1+1", "answer": 2, "level": 3, "tags": ["easy"]},
             {"prompt": [{"role": "user", "content": "2+2"}], "reward_model": {"ground_truth": "4"}, "data_source": "x",
              "extra_info": {"id": 7}},
             {"prompt": "3+3", "ground_truth": "6"}]
@@ -31,6 +31,7 @@ def test_jsonl_flat_and_verl_rows_and_n(tmp_path):
     assert [e.ground_truth for e in ex] == ["2", "4", "6"]
     assert ex[0].prompt == [{"role": "user", "content": "1+1"}] and ex[0].data_source == "unknown"
     assert ex[1].data_source == "x" and ex[1].extra == {"id": 7}
+    assert ex[0].extra == {"level": 3, "tags": ["easy"]} and ex[2].extra == {}  # a row's other fields reach the reward
     assert [e.ground_truth for e in load_examples(str(f), n=2)] == ["2", "4"]
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import pytest
 
 from fipo_lite import rewards as R
-from fipo_lite.config import OverlongConfig, RewardConfig
+from fipo_lite.config import OverlongConfig, RewardConfig, RewardFunctionConfig as R_FN
 from fipo_lite.data import load_examples
 
 
@@ -132,3 +134,133 @@ def test_runner_inline_mode_and_bad_input():
         R.RewardRunner(RewardConfig(num_workers=0), 10)
     with pytest.raises(ValueError, match="buffer_len"):
         R.RewardRunner(RewardConfig(overlong=OverlongConfig(enable=True, buffer_len=32)), 16)
+
+
+# ----------------------------------------------------------------------------- your own reward functions
+USER_REWARDS = '''
+import math
+
+def quarter(response, ground_truth):
+    return 0.25
+
+def tagged(response, ground_truth, *, prompt, extra):
+    return {"score": float(extra["level"]), "acc": response == ground_truth, "pred": prompt[-1]["content"]}
+
+def everything(response, ground_truth, **kw):
+    return float(len(kw)), False, ",".join(sorted(kw))
+
+def source_only(response, ground_truth, data_source=None):
+    return (1.0 if data_source == "s" else 0.0), True, data_source
+
+def bad_value(response, ground_truth):
+    return math.nan if response == "nan" else "text"
+
+def one_arg(response):
+    return 1.0
+
+NOT_A_FUNCTION = 3
+'''
+
+
+@pytest.fixture
+def user_rewards(tmp_path):
+    f = tmp_path / "my_rewards.py"
+    f.write_text(USER_REWARDS)
+    return f
+
+
+def _fns(*entries, **kw):
+    return RewardConfig(functions=[R_FN(function=f, weight=w, name=n) for f, w, n in entries], **kw)
+
+
+@pytest.mark.parametrize("timeout_s", [0, 5])  # in this process, and in a forked worker
+def test_user_functions_get_context_weights_combine_and_each_is_reported(user_rewards, timeout_s):
+    f = str(user_rewards)
+    cfg = _fns((f"{f}:tagged", 1.0, None), (f"{f}:quarter", 2.0, "q"), (f"{f}:everything", 0.5, None), (f"{f}:source_only", 1.0, None),
+               timeout_s=timeout_s, overlong=OverlongConfig(enable=True, buffer_len=4))
+    runner = R.RewardRunner(cfg, max_response_length=10)
+    prompts = [[{"role": "user", "content": "p0"}], [{"role": "user", "content": "p1"}]]
+    out = runner(["7", "x"], ["7", "8"], ["s", "t"], [1, 10], prompts=prompts, extras=[{"level": 2}, {"level": 5}])
+    assert out.failures == 0
+    assert out.components == {"tagged": [2.0, 5.0], "q": [0.25, 0.25], "everything": [3.0, 3.0], "source_only": [1.0, 0.0]}
+    # weighted sum (the overlong penalty on the total: -1 at the limit); correct and pred from the first reward
+    assert out.scores == [2.0 + 0.5 + 1.5 + 1.0, 5.0 + 0.5 + 1.5 + 0.0 - 1.0]
+    assert out.accs == [1.0, 0.0] and out.preds == ["p0", "p1"]
+    runner.close()
+
+
+def test_built_ins_in_the_list_and_the_default_unchanged(user_rewards):
+    f = str(user_rewards)
+    runner = R.RewardRunner(_fns(("auto", 1.0, None), (f"{f}:quarter", -1.0, None), timeout_s=0), max_response_length=10)
+    out = runner(["answer 3", "Answer: 5"], ["3", "4"], ["synthetic/addition", "math_dapo"])
+    assert out.components == {"auto": [1.0, -1.0], "quarter": [0.25, 0.25]} and out.scores == [0.75, -1.25]
+    assert out.accs == [1.0, 0.0] and out.preds == ["3", "5"]
+    one = R.RewardRunner(RewardConfig(function=f"{f}:quarter", timeout_s=0), 10)(["a"], ["b"])
+    assert one.components == {"quarter": [0.25]} and one.scores == [0.25] and one.accs == [1.0]  # a number: correct when > 0
+    default = R.RewardRunner(RewardConfig(name="exact", timeout_s=0), 10)(["answer 3"], ["3"])
+    assert default.components == {} and default.scores == [1.0]  # reward.name alone: as before, no per-reward metrics
+
+
+def test_a_bad_return_value_is_a_scored_failure_named_by_its_reward(user_rewards):
+    runner = R.RewardRunner(_fns((f"{user_rewards}:quarter", 1.0, None), (f"{user_rewards}:bad_value", 1.0, None), timeout_s=0), 10)
+    out = runner(["nan", "ok"], ["x", "x"])
+    assert out.failures == 2 and out.scores == [0.0, 0.0] and out.components["quarter"][0] != out.components["quarter"][0]  # NaN
+    assert out.reasons[0] == "bad_value: ValueError: the reward's score is nan"
+    assert out.reasons[1].startswith("bad_value: TypeError: a reward returns a number, (score, correct, pred) or")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("missing.py:f", "file {dir}/missing.py not found"),
+    ("my_rewards.py:nope", "has no 'nope' (functions there: ['bad_value', 'everything', 'one_arg', 'quarter', 'source_only', 'tagged'])"),
+    ("my_rewards.py:NOT_A_FUNCTION", "'NOT_A_FUNCTION' is not a function but 3 (int)"),
+    ("my_rewards.py:one_arg", "one_arg(response) cannot be called as fn(response, ground_truth, *, prompt=..., data_source=..., extra=...)"),
+    ("broken.py:f", "running {dir}/broken.py raised NameError: name 'undefined_name' is not defined"),
+])
+def test_bad_reward_function_specs_name_the_key_and_value(user_rewards, spec, message, monkeypatch, capsys):
+    from fipo_lite.trainer import main
+
+    (user_rewards.parent / "broken.py").write_text("x = undefined_name\n")
+    monkeypatch.chdir(user_rewards.parent)  # a relative path is taken from the working directory
+    full = f"{user_rewards.parent}/{spec}"
+    with pytest.raises(R.RewardError) as err:
+        R.RewardRunner(RewardConfig(function=full), 10)
+    assert str(err.value).startswith(f"config key 'reward.function' is {full!r}: ") and message.format(dir=user_rewards.parent) in str(err.value)
+    # the command: one line, before any model loads or the run directory is made
+    assert main([f"reward.function={spec}", f"output_dir={user_rewards.parent / 'run'}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {err.value}"] and not (user_rewards.parent / "run").exists()
+
+
+def test_config_shapes_of_reward_functions(tmp_path, monkeypatch):
+    from fipo_lite.config import ConfigError, load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["reward.functions=[{function: sub/r.py:f, weight: 0.5}, {function: exact, name: ok}]"])
+    assert [(e.function, e.weight, e.name) for e in cfg.reward.functions] == [(f"{tmp_path}/sub/r.py:f", 0.5, None), ("exact", 1.0, "ok")]
+    assert load_config(None, ["reward.function=~/r.py:f"]).reward.function == str(Path.home() / "r.py") + ":f"
+    for overrides, message in [
+        (["reward.function=r.py"], "config key 'reward.function' is 'r.py'; must be PATH.py:NAME"),
+        (["reward.functions=[{function: nope}]"], "config key 'reward.functions[0].function' is 'nope'; must be PATH.py:NAME"),
+        (["reward.functions=[{weight: 2}]"], "config key 'reward.functions[0].function' is ''"),
+        (["reward.function=r.py:f", "reward.functions=[{function: exact}]"], "'reward.function' and 'reward.functions' are both set"),
+        (["reward.functions=[{function: exact}, {function: a.py:exact}]"], "two rewards are named 'exact'"),
+        (["reward.functions=[{function: exact, weight: .inf}]"], "config key 'reward.functions[0].weight' is inf; must be a finite number"),
+        (["reward.functions=[{function: exact, name: a/b}]"], "config key 'reward.functions[0].name' is 'a/b'"),
+        (["reward.functions=[{function: exact, wieght: 2}]"], "unknown key 'wieght' in an entry of reward.functions"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, overrides)
+
+
+def test_spawned_workers_reload_files_and_refuse_what_cannot_travel(user_rewards, monkeypatch):
+    import pickle
+
+    c = R.build_components(RewardConfig(function=f"{user_rewards}:quarter"))[0]
+    R._LOADED.clear()  # as in a fresh (spawned) process: the copy loads the file again, from its spec
+    copy = pickle.loads(pickle.dumps(c))
+    assert copy.fn is not c.fn and copy("r", "t", ("s", None, None)) == (0.25, True, None)
+    monkeypatch.setattr(R.mp, "get_all_start_methods", lambda: ["spawn"])
+    cfg = RewardConfig(functions=[R_FN(function="callable:__main__.<lambda>", name="lam")])
+    with pytest.raises(R.RewardError, match="reward 'lam' .* cannot be sent to the reward worker processes"):
+        R.RewardRunner(cfg, 10, callables={"lam": lambda r, t: 1.0})
+    assert R.RewardRunner(RewardConfig(functions=cfg.functions, timeout_s=0), 10, callables={"lam": lambda r, t: 1.0})(["a"], ["b"]).scores == [1.0]

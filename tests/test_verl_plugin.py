@@ -200,3 +200,5 @@ def test_an_lr_schedule_verl_would_not_run_is_refused():
     with pytest.raises(ValueError, match="trainer.lr_scheduler=cosine has no translation"):
         plugin.launcher_overrides(load_config(ROOT / "configs" / "tiny_cpu.yaml", ["trainer.lr_scheduler=cosine"]))
     assert plugin.main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "trainer.lr_scheduler=cosine"]) == 2
+    with pytest.raises(ValueError, match="reward.function / reward.functions have no translation"):  # verl would score with DAPO's
+        plugin.launcher_overrides(load_config(ROOT / "configs" / "tiny_cpu.yaml", ["reward.functions=[{function: exact}]"]))

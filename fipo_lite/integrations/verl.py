@@ -180,6 +180,10 @@ def recipe_overrides(cfg) -> dict[str, Any]:
     if t.lr_scheduler != "constant":  # not translated: verl would run its constant schedule without a word
         raise ValueError(f"trainer.lr_scheduler={t.lr_scheduler} has no translation to verl's optimizer keys here; use "
                          "trainer.lr_scheduler=constant, or set actor_rollout_ref.actor.optim's scheduler in the verl command yourself")
+    if _select(cfg, "reward.function") or _select(cfg, "reward.functions"):  # verl would score with its DAPO reward instead
+        raise ValueError("reward.function / reward.functions have no translation to verl's reward here (its custom_reward_function "
+                         "is called as compute_score(data_source, solution_str, ground_truth, extra_info)); set "
+                         "custom_reward_function.path and .name in the verl command yourself")
     actor, rollout = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
     gen_batch = gen_batch_size(cfg)
     out = {

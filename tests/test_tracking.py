@@ -140,7 +140,8 @@ def resumed_run(tiny_model_dir, tmp_path_factory):
     pytest.importorskip("mlflow")
     tmp = tmp_path_factory.mktemp("tracked")
     out = tmp / "run"
-    logged: list[tuple[str, int]] = []  # (W&B run id, step) of every history row W&B was given
+    logged: list[tuple[str, int]] = []  # (W&B run id, step) of every history row of metrics W&B was given
+    tables: list[tuple[str, int]] = []  # and of the sample tables
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp / "wandb"), "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
                      "MLFLOW_TRACKING_URI": (tmp / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}.items():
@@ -150,7 +151,8 @@ def resumed_run(tiny_model_dir, tmp_path_factory):
         real_log, real_save = wandb.sdk.wandb_run.Run.log, checkpoint.save
 
         def spy_log(run, data, step=None, **kw):
-            logged.append((run.id, step))
+            is_table = all(isinstance(v, wandb.Table) for v in data.values())
+            (tables if is_table else logged).append((run.id, step))
             return real_log(run, data, step=step, **kw)
 
         def killed_at_3(root, step, *args, **kw):
@@ -165,7 +167,7 @@ def resumed_run(tiny_model_dir, tmp_path_factory):
             train(_cfg(tiny_model_dir, out, **{"trainer.logger": loggers, "trainer.total_steps": 3, "trainer.save_every": 2}))
         first = json.loads((out / tracking.STATE_FILE).read_text())
         train(_cfg(tiny_model_dir, out, **{"trainer.logger": loggers, "trainer.total_steps": 4, "trainer.save_every": 2}))
-    return {"out": out, "tmp": tmp, "logged": logged, "first": first, "state": json.loads((out / tracking.STATE_FILE).read_text())}
+    return {"out": out, "tmp": tmp, "logged": logged, "tables": tables, "first": first, "state": json.loads((out / tracking.STATE_FILE).read_text())}
 
 
 def test_resume_redoes_a_step_the_trackers_do_not_see_twice(resumed_run):
@@ -181,6 +183,8 @@ def test_wandb_offline_resume_keeps_the_run_id(resumed_run):
     assert resumed_run["first"]["wandb"]["id"] == run_id
     logged = resumed_run["logged"]
     assert logged == [(run_id, s) for s in (0, 1, 2, 3, 4)]  # one history row per step, step 3 once
+    steps = [s for _, s in resumed_run["tables"]]
+    assert steps and len(steps) == len(set(steps)) and set(steps) <= {0, 1, 2, 3, 4}  # sample tables: none twice
     dirs = sorted((resumed_run["tmp"] / "wandb" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(dirs) == 2 and all((d / f"run-{run_id}.wandb").is_file() for d in dirs)  # the first attempt and the resume
 

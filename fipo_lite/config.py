@@ -106,6 +106,10 @@ class DataConfig:
     val_size: int = 64  # held-out prompts (synthetic val draws from a disjoint seed); 0 only with trainer.eval_every=0
     max_prompt_length: int = 512
     shuffle: bool = True
+    # A system message put before every prompt (train and val) that has none of its own; None: none
+    system_prompt: Optional[str] = None
+    # Extra variables for the tokenizer's chat template, e.g. {enable_thinking: false} for Qwen3
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

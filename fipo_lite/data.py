@@ -17,7 +17,7 @@ from .errors import UserError
 from .example import Example
 from .tasks import make_examples
 
-__all__ = ["DataError", "Example", "encode_prompt", "encode_prompts", "load_examples"]
+__all__ = ["DataError", "Example", "encode_prompt", "encode_prompts", "load_examples", "prompt_template"]
 
 
 class DataError(UserError):
@@ -100,22 +100,37 @@ def _example(row: Any, i: int, path: Path) -> Example:
                    data_source=source, index=i, extra=extra)
 
 
-def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def encode_prompt(tokenizer, messages: list[dict[str, str]], *, system_prompt: str | None = None,
+                  chat_template_kwargs: dict | None = None) -> list[int]:
     """Token ids of the chat template applied to `messages`, generation prompt included.
+    `system_prompt` (data.system_prompt) goes first as a system message unless the prompt brings its own;
+    `chat_template_kwargs` (data.chat_template_kwargs, e.g. Qwen3's enable_thinking) reach the template.
     transformers 4.x returns a list of ids, 5.x a BatchEncoding unless return_dict=False; both become a plain list."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if system_prompt and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                        **dict(chat_template_kwargs or {}))
     if hasattr(ids, "keys"):  # a BatchEncoding all the same (a tokenizer that ignores return_dict)
         ids = ids["input_ids"]
     return [int(t) for t in ids]
 
 
-def encode_prompts(tokenizer, examples: list[Example], max_prompt_length: int | None = None) -> list[list[int]]:
-    """`encode_prompt` of every example; a prompt longer than `max_prompt_length` is a DataError."""
+def encode_prompts(tokenizer, examples: list[Example], max_prompt_length: int | None = None, **template) -> list[list[int]]:
+    """`encode_prompt` of every example (`template`: its system_prompt / chat_template_kwargs); a prompt
+    longer than `max_prompt_length` is a DataError."""
     ids = []
     for ex in examples:
-        p = encode_prompt(tokenizer, ex.prompt)
+        p = encode_prompt(tokenizer, ex.prompt, **template)
         if max_prompt_length is not None and len(p) > max_prompt_length:
             raise DataError(f"prompt of example {ex.index} ({ex.data_source}) has {len(p)} tokens > "
                             f"data.max_prompt_length={max_prompt_length}")
         ids.append(p)
     return ids
+
+
+def prompt_template(data_cfg) -> dict:
+    """encode_prompt's keywords from the data section (system_prompt, chat_template_kwargs)."""
+    kwargs = data_cfg.chat_template_kwargs
+    if kwargs is not None and hasattr(kwargs, "items"):
+        kwargs = {k: v for k, v in kwargs.items()}
+    return {"system_prompt": data_cfg.system_prompt or None, "chat_template_kwargs": kwargs or None}

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, metrics as M, rundir, samples as S, tracking
 from .config import gen_batch_size, load_config, policy_loss_kwargs, warmup_steps
-from .data import encode_prompts
+from .data import encode_prompts, prompt_template
 from .engines import SamplingParams, build_engine
 from .errors import UserError
 from .example import Example
@@ -433,8 +433,9 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker
     form_task = task if task is not None and task.step_line is not None else None  # a task with answer forms to count
     train_ex = load_examples(cfg.data.train, n=cfg.data.train_size if synthetic else None, seed=cfg.seed, split="train")
     val_ex = load_examples(cfg.data.val, n=cfg.data.val_size, seed=cfg.seed, split="val") if t.eval_every > 0 else []
-    train_ids = encode_prompts(tokenizer, train_ex, cfg.data.max_prompt_length)
-    val_ids = encode_prompts(tokenizer, val_ex, cfg.data.max_prompt_length)
+    template = prompt_template(cfg.data)  # data.system_prompt, data.chat_template_kwargs
+    train_ids = encode_prompts(tokenizer, train_ex, cfg.data.max_prompt_length, **template)
+    val_ids = encode_prompts(tokenizer, val_ex, cfg.data.max_prompt_length, **template)
     stream = PromptStream(len(train_ex), cfg.seed, cfg.data.shuffle)
     optimizer = make_optimizer(policy.trainable_parameters(), cfg)
     scheduler = make_scheduler(optimizer, t)

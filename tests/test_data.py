@@ -102,3 +102,26 @@ def test_mul2x1_task_for_pretrained_models():
     assert exact_reward(f"Sure! {a} * {b} = {a * b}.", ex.ground_truth)[1]
     assert not exact_reward(f"{a} * {b} = {a * b + 1}", ex.ground_truth)[1]
     assert classify_form(f"answer {a * b}", get_task("mul2x1")) == "other"  # no answer forms to count
+
+
+def test_system_prompt_and_chat_template_kwargs_reach_the_template(tiny_model_dir):
+    from fipo_lite.backends.hf import load_tokenizer
+    from fipo_lite.config import load_config
+    from fipo_lite.data import encode_prompt, prompt_template
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    user = [{"role": "user", "content": "1+1"}]
+    text = lambda ids: tok.decode(ids)  # noqa: E731
+    assert "system" not in text(encode_prompt(tok, user))
+    with_sys = text(encode_prompt(tok, user, system_prompt="Be brief."))
+    assert with_sys.index("system\nBe brief.") < with_sys.index("user\n1+1")
+    own = [{"role": "system", "content": "Mine."}, *user]  # a prompt with its own system message keeps it
+    assert encode_prompt(tok, own, system_prompt="Be brief.") == encode_prompt(tok, own)
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if enable_thinking is defined and not enable_thinking %}<no_think>{% endif %}")
+    cfg = load_config(None, ["data.system_prompt=S", "data.chat_template_kwargs={enable_thinking: false}"])
+    template = prompt_template(cfg.data)
+    assert template == {"system_prompt": "S", "chat_template_kwargs": {"enable_thinking": False}}
+    assert text(encode_prompt(tok, user, **template)) == "S1+1<no_think>"
+    assert text(encode_prompt(tok, user)) == "1+1"
+    assert prompt_template(load_config(None, []).data) == {"system_prompt": None, "chat_template_kwargs": None}

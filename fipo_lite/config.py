@@ -104,7 +104,10 @@ class DataConfig:
     val: str = "synthetic:addition3"
     train_size: int = 4096  # synthetic training problems (files: all rows)
     val_size: int = 64  # held-out prompts (synthetic val draws from a disjoint seed); 0 only with trainer.eval_every=0
-    max_prompt_length: int = 512
+    max_prompt_length: int = 512  # prompt tokens (chat template and system prompt included)
+    # Leave out the prompts longer than max_prompt_length, with a count on the console (verl's filter_overlong_prompts);
+    # false: such a prompt stops the run. A set with no prompt left is an error either way.
+    filter_overlong_prompts: bool = True
     shuffle: bool = True
     # A system message put before every prompt (train and val) that has none of its own; None: none
     system_prompt: Optional[str] = None

@@ -17,7 +17,7 @@ from .errors import UserError
 from .example import Example
 from .tasks import make_examples
 
-__all__ = ["DataError", "Example", "encode_prompt", "encode_prompts", "load_examples", "prompt_template"]
+__all__ = ["DataError", "Example", "encode_prompt", "encode_prompts", "encode_within", "load_examples", "prompt_template"]
 
 
 class DataError(UserError):
@@ -123,9 +123,23 @@ def encode_prompts(tokenizer, examples: list[Example], max_prompt_length: int | 
         p = encode_prompt(tokenizer, ex.prompt, **template)
         if max_prompt_length is not None and len(p) > max_prompt_length:
             raise DataError(f"prompt of example {ex.index} ({ex.data_source}) has {len(p)} tokens > "
-                            f"data.max_prompt_length={max_prompt_length}")
+                            f"data.max_prompt_length={max_prompt_length}; raise it, or set data.filter_overlong_prompts=true "
+                            "to leave such prompts out")
         ids.append(p)
     return ids
+
+
+def encode_within(tokenizer, examples: list[Example], max_prompt_length: int, *, drop_overlong: bool = True, what: str = "data.train",
+                  **template) -> tuple[list[Example], list[list[int]], int]:
+    """(examples, their prompt ids, how many were left out): with `drop_overlong` (data.filter_overlong_prompts, as
+    verl's filter_overlong_prompts) the prompts longer than `max_prompt_length` are left out, and only a set with
+    none left is a DataError; without, the first overlong prompt is."""
+    ids = encode_prompts(tokenizer, examples, None if drop_overlong else max_prompt_length, **template)
+    keep = [i for i, p in enumerate(ids) if len(p) <= max_prompt_length]
+    if examples and not keep:
+        raise DataError(f"{what}: all {len(ids)} prompts are longer than data.max_prompt_length={max_prompt_length} "
+                        f"(the shortest has {min(map(len, ids))} tokens); raise data.max_prompt_length")
+    return [examples[i] for i in keep], [ids[i] for i in keep], len(ids) - len(keep)
 
 
 def prompt_template(data_cfg) -> dict:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, metrics as M, rundir, samples as S, tracking
 from .config import gen_batch_size, load_config, policy_loss_kwargs, warmup_steps
-from .data import encode_prompts, prompt_template
+from .data import encode_within, prompt_template
 from .engines import SamplingParams, build_engine
 from .errors import UserError
 from .example import Example
@@ -413,6 +413,16 @@ def train(cfg: DictConfig, reward_callables: dict | None = None) -> dict:
         return _train(cfg, resume, reward_fn, tracker)
 
 
+def encode_data(tokenizer, examples: list, data_cfg: DictConfig, what: str, template: dict) -> tuple[list, list[list[int]]]:
+    """A set's examples and prompt ids, the overlong prompts left out (data.filter_overlong_prompts) and counted."""
+    kept, ids, dropped = encode_within(tokenizer, examples, data_cfg.max_prompt_length, drop_overlong=data_cfg.filter_overlong_prompts,
+                                       what=what, **template)
+    if dropped:
+        print(f"[fipo_lite] {what}: left out {dropped} of {len(examples)} prompts longer than data.max_prompt_length="
+              f"{data_cfg.max_prompt_length} tokens (data.filter_overlong_prompts=true)", file=sys.stderr)
+    return kept, ids
+
+
 def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker: tracking.Tracker) -> dict:
     from .backends import load_model
     from .data import load_examples
@@ -434,8 +444,8 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker
     train_ex = load_examples(cfg.data.train, n=cfg.data.train_size if synthetic else None, seed=cfg.seed, split="train")
     val_ex = load_examples(cfg.data.val, n=cfg.data.val_size, seed=cfg.seed, split="val") if t.eval_every > 0 else []
     template = prompt_template(cfg.data)  # data.system_prompt, data.chat_template_kwargs
-    train_ids = encode_prompts(tokenizer, train_ex, cfg.data.max_prompt_length, **template)
-    val_ids = encode_prompts(tokenizer, val_ex, cfg.data.max_prompt_length, **template)
+    train_ex, train_ids = encode_data(tokenizer, train_ex, cfg.data, "data.train", template)
+    val_ex, val_ids = encode_data(tokenizer, val_ex, cfg.data, "data.val", template)
     stream = PromptStream(len(train_ex), cfg.seed, cfg.data.shuffle)
     optimizer = make_optimizer(policy.trainable_parameters(), cfg)
     scheduler = make_scheduler(optimizer, t)

@@ -310,3 +310,24 @@ def test_micro_batches_respect_the_token_budget():
         width = max(len(s.prompt_ids) + len(s.response_ids) for s in p)
         assert len(p) * width <= 40 or len(p) == 1
     assert [len(p) for p in micro_batches(samples, size=2, token_budget=0)] == [2, 2, 1]
+
+
+def test_overlong_prompts_are_left_out_with_a_count(tiny_model_dir, tmp_path, capsys):
+    from fipo_lite.backends.hf import load_tokenizer
+    from fipo_lite.data import DataError, encode_prompt
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "1+1=" * 20, "answer": "2"}, {"prompt": "2+1=", "answer": "3"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the limit fits the short prompts only with the system prompt counted: the trainer encodes with it
+    limit = len(encode_prompt(load_tokenizer(str(tiny_model_dir)), [{"role": "user", "content": "1+1="}], system_prompt="Add."))
+    opts = {"data.train": str(data), "data.system_prompt": "Add.", "data.max_prompt_length": limit, "trainer.total_steps": 1,
+            "trainer.eval_every": 0, "data.val_size": 0, "trainer.save_every": 0, "trainer.train_batch_size": 2,
+            "trainer.gen_batch_size": 2, "trainer.ppo_mini_batch_size": 2, "algorithm.filter_groups.enable": False}
+    train(_cfg(tiny_model_dir, tmp_path / "a", **opts))
+    assert f"data.train: left out 1 of 3 prompts longer than data.max_prompt_length={limit}" in capsys.readouterr().err
+    assert len(M.read_jsonl(tmp_path / "a" / "metrics.jsonl")) == 1
+    with pytest.raises(DataError, match=rf"data\.train: all 3 prompts are longer than data\.max_prompt_length={limit - 1}"):
+        train(_cfg(tiny_model_dir, tmp_path / "b", **{**opts, "data.max_prompt_length": limit - 1}))
+    with pytest.raises(DataError, match=r"tokens > data\.max_prompt_length=.*data\.filter_overlong_prompts=true"):
+        train(_cfg(tiny_model_dir, tmp_path / "c", **{**opts, "data.filter_overlong_prompts": False}))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # Start from an existing (e.g. SFT) adapter: a peft adapter folder (save_pretrained), a checkpoint or a run directory
+    # of this kit. Its r, alpha, dropout and target_modules are the run's: a value above that differs from the adapter's
+    # and from the default is refused (by key); the path is stored absolute. hf and bnb4 backends.
+    adapter_path: Optional[str] = None
 
 
 @dataclass
@@ -427,8 +432,43 @@ def _check_loggers(cfg: DictConfig) -> None:
     cfg.trainer.logger = list(dict.fromkeys(names))
 
 
+_ADAPTER_SHAPE = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"}  # ours: peft's
+
+
+def _take_adapter_shape(cfg: DictConfig) -> None:
+    """lora.adapter_path: the adapter's shape becomes the lora section's (a key set to something else is refused)."""
+    lo = cfg.lora
+    if not lo.adapter_path:
+        return
+    from .checkpoint import CheckpointError, adapter_dir
+
+    for ok, msg in [(lo.enable, "lora.adapter_path needs lora.enable=true"),
+                    (cfg.model.backend in ("hf", "bnb4"), f"lora.adapter_path works with model.backend hf or bnb4, not {cfg.model.backend!r}")]:
+        if not ok:
+            raise ConfigError(msg)
+    try:
+        folder = adapter_dir(lo.adapter_path)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    default = LoraConfig()
+    for ours, theirs in _ADAPTER_SHAPE.items():
+        value = saved.get(theirs)
+        if value is None or (ours == "target_modules" and not isinstance(value, list)):
+            continue  # a regex target (peft allows one) stays peft's business
+        if ours == "target_modules":
+            value = sorted(value)
+        current = sorted(lo[ours]) if ours == "target_modules" else lo[ours]
+        if current not in (value, getattr(default, ours) if ours != "target_modules" else sorted(default.target_modules)):
+            raise ConfigError(f"config key 'lora.{ours}' is {_short(current)} but the adapter at lora.adapter_path={lo.adapter_path!r} "
+                              f"has {theirs}={_short(value)}; leave lora.{ours} unset (the adapter's shape is used)")
+        lo[ours] = value
+    lo.adapter_path = str(Path(lo.adapter_path).resolve())
+
+
 def validate(cfg: DictConfig) -> None:
     _check_loggers(cfg)
+    _take_adapter_shape(cfg)
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value in ("True", "False") and value.lower() in allowed:  # `key=false` / `key: false` arrive as a bool

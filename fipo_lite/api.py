@@ -369,11 +369,12 @@ def evaluate(model: Run | str | Path, data: str | None = None, *, k: int = 8, n_
     data and size, response length, sampler, dtype and reward (the first of reward.function(s): its `correct`
     is the accuracy). `reward`: a built-in name or PATH.py:NAME. Writes to `out` (default RUN/eval)."""
     from . import evaluation as E
+    from .data import data_specs
 
     run = model if isinstance(model, Run) else (Run.load(model) if (Path(model) / "config.yaml").is_file() else None)
     if run is not None:
         c = run.config
-        data = data or c.data.val
+        data = data or data_specs(c.data.val)[0]  # several validation sets: the first
         n_problems = n_problems or c.data.val_size
         max_new_tokens = max_new_tokens or c.rollout.max_new_tokens
         engine = engine or c.rollout.engine

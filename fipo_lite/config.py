@@ -106,7 +106,10 @@ class RolloutConfig:
 @dataclass
 class DataConfig:
     train: str = "synthetic:addition3"  # synthetic:NAME, a .jsonl file or a verl-format .parquet file
-    val: str = "synthetic:addition3"
+    # One spec as data.train, or a list of them ([aime-2024.parquet, math500.jsonl]): each set gets data.val_size problems
+    # and its own val/<name>/avg_at_k, pass_at_k, cons_at_k (name: the set's one data_source, else the file stem) besides
+    # the pooled val/avg_at_k, ...
+    val: Any = "synthetic:addition3"
     train_size: int = 4096  # synthetic training problems (files: all rows)
     val_size: int = 64  # held-out prompts (synthetic val draws from a disjoint seed); 0 only with trainer.eval_every=0
     max_prompt_length: int = 512  # prompt tokens (chat template and system prompt included)
@@ -466,8 +469,21 @@ def _take_adapter_shape(cfg: DictConfig) -> None:
     lo.adapter_path = str(Path(lo.adapter_path).resolve())
 
 
+def _check_val(cfg: DictConfig) -> None:
+    """data.val: a spec, or a non-empty list of specs."""
+    value = cfg.data.val
+    if isinstance(value, (list, ListConfig)):
+        ok = len(value) > 0 and all(isinstance(v, str) and v for v in value)
+    else:
+        ok = isinstance(value, str) and bool(value)
+    if not ok:
+        raise ConfigError(f"config key 'data.val' is {_short(value)}; must be a data spec (synthetic:NAME, .jsonl, .parquet) "
+                          "or a non-empty list of them")
+
+
 def validate(cfg: DictConfig) -> None:
     _check_loggers(cfg)
+    _check_val(cfg)
     _take_adapter_shape(cfg)
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)

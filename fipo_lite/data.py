@@ -17,7 +17,7 @@ from .errors import UserError
 from .example import Example
 from .tasks import make_examples
 
-__all__ = ["DataError", "Example", "encode_prompt", "encode_prompts", "encode_within", "load_examples", "prompt_template"]
+__all__ = ["DataError", "Example", "data_specs", "encode_prompt", "encode_prompts", "encode_within", "load_examples", "prompt_template", "set_name"]
 
 
 class DataError(UserError):
@@ -51,6 +51,22 @@ def load_examples(spec: str, *, n: int | None = None, seed: int = 0, split: str 
     else:
         raise DataError(f"unsupported data file {spec!r}: use .jsonl or verl-format .parquet")
     return [_example(row, i, path) for i, row in enumerate(rows)]
+
+
+def data_specs(value: Any) -> list[str]:
+    """data.val (or data.train) as a list of specs: one spec, or a list of them (several validation sets)."""
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def set_name(spec: str, examples: list[Example]) -> str:
+    """A validation set's name in its metrics (val/<name>/avg_at_k): its rows' one data_source, else the file
+    stem (synthetic:NAME: NAME); '/' becomes '_' so the name stays one part of the metric's path."""
+    sources = {e.data_source for e in examples}
+    if len(sources) == 1 and "unknown" not in sources:
+        name = sources.pop()
+    else:
+        name = spec.split(":", 1)[1] if spec.startswith("synthetic:") else Path(spec).stem
+    return name.replace("/", "_")
 
 
 def _jsonl_rows(path: Path) -> list[dict]:

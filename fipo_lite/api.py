@@ -375,6 +375,8 @@ def evaluate(model: Run | str | Path, data: str | None = None, *, k: int = 8, n_
     if run is not None:
         c = run.config
         data = data or data_specs(c.data.val)[0]  # several validation sets: the first
+        if not isinstance(data, str):
+            raise ValueError("the run's data.val is load_dataset arguments, which evaluate cannot take: pass data= (hf:NAME[:SPLIT] or a file)")
         n_problems = n_problems or c.data.val_size
         max_new_tokens = max_new_tokens or c.rollout.max_new_tokens
         engine = engine or c.rollout.engine

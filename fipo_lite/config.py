@@ -105,11 +105,15 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "synthetic:addition3"  # synthetic:NAME, a .jsonl file or a verl-format .parquet file
+    # synthetic:NAME, a .jsonl file, a verl-format .parquet file, or a `datasets` dataset (the datasets extra):
+    # hf:NAME[:SPLIT] (a hub dataset) or a mapping of load_dataset arguments ({path: json, data_files: x.jsonl, split: train})
+    train: Any = "synthetic:addition3"
     # One spec as data.train, or a list of them ([aime-2024.parquet, math500.jsonl]): each set gets data.val_size problems
     # and its own val/<name>/avg_at_k, pass_at_k, cons_at_k (name: the set's one data_source, else the file stem) besides
     # the pooled val/avg_at_k, ...
     val: Any = "synthetic:addition3"
+    prompt_key: str = "prompt"  # the column of the prompt (a string or chat messages), as verl's data.prompt_key
+    answer_key: Optional[str] = None  # the column of the ground truth; None: reward_model.ground_truth, ground_truth or answer
     train_size: int = 4096  # synthetic training problems (files: all rows)
     val_size: int = 64  # held-out prompts (synthetic val draws from a disjoint seed); 0 only with trainer.eval_every=0
     max_prompt_length: int = 512  # prompt tokens (chat template and system prompt included)
@@ -469,16 +473,23 @@ def _take_adapter_shape(cfg: DictConfig) -> None:
     lo.adapter_path = str(Path(lo.adapter_path).resolve())
 
 
+def _data_spec_ok(v: Any) -> bool:
+    """A data spec: a non-empty string, or load_dataset arguments with a string 'path'."""
+    return (isinstance(v, str) and bool(v)) or (isinstance(v, (dict, DictConfig)) and isinstance(v.get("path"), str))
+
+
 def _check_val(cfg: DictConfig) -> None:
-    """data.val: a spec, or a non-empty list of specs."""
+    """data.train: one data spec; data.val: a spec, or a non-empty list of specs."""
+    specs = ("synthetic:NAME, .jsonl, .parquet, hf:NAME[:SPLIT] or load_dataset arguments with 'path'")
+    if not _data_spec_ok(cfg.data.train):
+        raise ConfigError(f"config key 'data.train' is {_short(cfg.data.train)}; must be a data spec ({specs})")
     value = cfg.data.val
     if isinstance(value, (list, ListConfig)):
-        ok = len(value) > 0 and all(isinstance(v, str) and v for v in value)
+        ok = len(value) > 0 and all(_data_spec_ok(v) for v in value)
     else:
-        ok = isinstance(value, str) and bool(value)
+        ok = _data_spec_ok(value)
     if not ok:
-        raise ConfigError(f"config key 'data.val' is {_short(value)}; must be a data spec (synthetic:NAME, .jsonl, .parquet) "
-                          "or a non-empty list of them")
+        raise ConfigError(f"config key 'data.val' is {_short(value)}; must be a data spec ({specs}) or a non-empty list of them")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -426,14 +426,19 @@ def encode_data(tokenizer, examples: list, data_cfg: DictConfig, what: str, temp
     return kept, ids
 
 
+def _short_spec(spec) -> str:
+    return spec if isinstance(spec, str) else json.dumps(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec)
+
+
 def load_val(cfg: DictConfig, tokenizer, template: dict) -> tuple[list, list[list[int]], list[tuple[str, int]] | None]:
     """data.val's examples and prompt ids, data.val_size from each set; for a list of sets also (name, problems)
     of each, in order, for the per-set metrics (one set: None, its metrics are the pooled val/...)."""
     specs = data_specs(cfg.data.val)
     examples, ids, sets = [], [], []
     for spec in specs:
-        ex = load_examples(spec, n=cfg.data.val_size, seed=cfg.seed, split="val")
-        ex, p = encode_data(tokenizer, ex, cfg.data, f"data.val {spec}" if len(specs) > 1 else "data.val", template)
+        ex = load_examples(spec, n=cfg.data.val_size, seed=cfg.seed, split="val", prompt_key=cfg.data.prompt_key,
+                           answer_key=cfg.data.answer_key)
+        ex, p = encode_data(tokenizer, ex, cfg.data, f"data.val {_short_spec(spec)}" if len(specs) > 1 else "data.val", template)
         name = set_name(spec, ex)
         while name in {n for n, _ in sets}:  # two sets of one name: the later one numbered
             name += "_2"
@@ -457,10 +462,11 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker
     policy = Policy(model, tokenizer, t.logprob_chunk_size, share_prompts=t.share_prompt_forward and cfg.model.backend != "unsloth",
                     lean_forward=use_lean_forward(t.lean_forward, model, cfg.model.backend), temperature=r.temperature)
     engine = build_engine(cfg, model, tokenizer)
-    synthetic = cfg.data.train.startswith("synthetic:")
+    synthetic = isinstance(cfg.data.train, str) and cfg.data.train.startswith("synthetic:")
     task = get_task(cfg.data.train.split(":", 1)[1]) if synthetic else None
     form_task = task if task is not None and task.step_line is not None else None  # a task with answer forms to count
-    train_ex = load_examples(cfg.data.train, n=cfg.data.train_size if synthetic else None, seed=cfg.seed, split="train")
+    train_ex = load_examples(cfg.data.train, n=cfg.data.train_size if synthetic else None, seed=cfg.seed, split="train",
+                             prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
     template = prompt_template(cfg.data)  # data.system_prompt, data.chat_template_kwargs
     train_ex, train_ids = encode_data(tokenizer, train_ex, cfg.data, "data.train", template)
     val_ex, val_ids, val_sets = load_val(cfg, tokenizer, template) if t.eval_every > 0 else ([], [], None)

@@ -333,16 +333,18 @@ def test_overlong_prompts_are_left_out_with_a_count(tiny_model_dir, tmp_path, ca
         train(_cfg(tiny_model_dir, tmp_path / "c", **{**opts, "data.filter_overlong_prompts": False}))
 
 
-def test_several_validation_sets_are_reported_per_set(tiny_model_dir, tmp_path):
+def test_several_validation_sets_are_reported_per_set(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = tmp_path / "mini.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(3)))
-    opts = {"data.val": f"[synthetic:addition,{data}]", "data.val_size": 2, "trainer.total_steps": 1, "trainer.eval_every": 1,
+    as_dataset = f"{{path: json, data_files: {data}, split: train}}"  # load_dataset arguments (the datasets extra)
+    opts = {"data.val": f"[synthetic:addition,{as_dataset}]", "data.train": as_dataset, "data.val_size": 2, "trainer.total_steps": 1, "trainer.eval_every": 1,
             "trainer.save_every": 0, "trainer.train_batch_size": 2, "trainer.gen_batch_size": 2, "trainer.ppo_mini_batch_size": 2,
             "algorithm.filter_groups.enable": False}
     train(_cfg(tiny_model_dir, tmp_path / "o", **opts))
     rows = M.read_jsonl(tmp_path / "o" / "metrics.jsonl")
     assert [r[M.STEP] for r in rows] == [0, 1]
-    for row in rows:  # names: the set's one data_source (synthetic/addition), else the file stem
+    for row in rows:  # names: the set's one data_source (synthetic/addition), else the file's stem
         assert row["val/synthetic_addition/num_problems"] == 2 and row["val/mini/num_problems"] == 2
         assert row["val/num_problems"] == 4
         for key in ("avg_at_k", "pass_at_k", "cons_at_k"):

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="fipo_lite evaluate", description="avg@k, pass@k and cons@k of a model on a dataset.")
     ap.add_argument("--model", required=True, help="HF model dir or hub name, a checkpoint dir, or a run dir (latest checkpoint)")
-    ap.add_argument("--data", required=True, help="synthetic:NAME, a .jsonl file or a verl-format .parquet file")
+    ap.add_argument("--data", required=True, help="synthetic:NAME, a .jsonl file, a verl-format .parquet file or hf:NAME[:SPLIT] (datasets)")
     ap.add_argument("-k", type=int, default=32, help="samples per problem (default 32, as in the paper)")
     ap.add_argument("--n-samples", type=int, default=None, help="samples drawn per problem, >= k (default k)")
     ap.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (paper)")

@@ -383,11 +383,16 @@ def evaluate(model: Run | str | Path, data: str | None = None, *, k: int = 8, n_
         dtype = dtype or (c.rollout.vllm.dtype if engine == "vllm" else c.model.dtype)
         reward = reward or _accuracy_reward(c)
         device = device or c.model.device
+        template = c.data.get("system_prompt"), dict(c.data.get("chat_template_kwargs") or {})  # the prompts as trained
         model = run.dir
     if data is None:
         raise ValueError("evaluate needs data= (synthetic:NAME, .jsonl or .parquet) for a model that is not a run")
     out = Path(out or (run.dir / "eval" if run is not None else tempfile.mkdtemp(prefix="fipo_eval_")))
     argv = ["--model", str(model), "--data", data, "-k", str(k), "--seed", str(seed), "--out", str(out)]
+    if run is not None and template[0]:
+        argv += ["--system-prompt", template[0]]
+    if run is not None and template[1]:
+        argv += ["--chat-template-kwargs", json.dumps(template[1])]
     for flag, value in (("--n-problems", n_problems), ("--max-new-tokens", max_new_tokens), ("--engine", engine),
                         ("--dtype", dtype), ("--reward", reward), ("--device", device)):
         if value is not None:

@@ -127,7 +127,18 @@ def test_system_prompt_and_chat_template_kwargs_reach_the_template(tiny_model_di
     assert prompt_template(load_config(None, []).data) == {"system_prompt": None, "chat_template_kwargs": None}
 
 
+def test_a_datasets_dataset_without_the_extra_is_one_line(monkeypatch):
+    import sys
+
+    from fipo_lite.data import DataError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(DataError, match=r"needs the 'datasets' package.*pip install -e '\.\[datasets\]'"):
+        load_examples("hf:someone/some-set")
+
+
 def test_a_datasets_dataset_with_prompt_and_answer_keys(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")  # the datasets extra (the main lane has it)
     from fipo_lite.data import DataError, set_name
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # local files only: no network

@@ -333,12 +333,10 @@ def test_overlong_prompts_are_left_out_with_a_count(tiny_model_dir, tmp_path, ca
         train(_cfg(tiny_model_dir, tmp_path / "c", **{**opts, "data.filter_overlong_prompts": False}))
 
 
-def test_several_validation_sets_are_reported_per_set(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_several_validation_sets_are_reported_per_set(tiny_model_dir, tmp_path):
     data = tmp_path / "mini.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(3)))
-    as_dataset = f"{{path: json, data_files: {data}, split: train}}"  # load_dataset arguments (the datasets extra)
-    opts = {"data.val": f"[synthetic:addition,{as_dataset}]", "data.train": as_dataset, "data.val_size": 2, "trainer.total_steps": 1, "trainer.eval_every": 1,
+    opts = {"data.val": f"[synthetic:addition,{data}]", "data.val_size": 2, "trainer.total_steps": 1, "trainer.eval_every": 1,
             "trainer.save_every": 0, "trainer.train_batch_size": 2, "trainer.gen_batch_size": 2, "trainer.ppo_mini_batch_size": 2,
             "algorithm.filter_groups.enable": False}
     train(_cfg(tiny_model_dir, tmp_path / "o", **opts))
@@ -360,3 +358,17 @@ def test_summarize_sets_splits_rows_in_order():
     out = summarize_sets([problem(1.0), problem(0.5), problem(0.0)], [("a", 1), ("b", 2), ("empty", 0)], k=2)
     assert out["val/a/avg_at_k"] == 1.0 and out["val/b/avg_at_k"] == 0.25 and out["val/b/pass_at_k"] == 0.5
     assert out["val/b/num_problems"] == 2 and out["val/a/response_length_mean"] == 4.0 and "val/empty/avg_at_k" not in out
+
+
+def test_a_datasets_dataset_trains_and_evaluates(tiny_model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("datasets")  # the datasets extra (the main lane has it)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(3)))
+    spec = f"{{path: json, data_files: {data}, split: train}}"  # load_dataset arguments
+    opts = {"data.train": spec, "data.val": f"[{spec}]", "data.prompt_key": "q", "data.answer_key": "a", "data.val_size": 2,
+            "trainer.total_steps": 1, "trainer.eval_every": 1, "trainer.save_every": 0, "trainer.train_batch_size": 2,
+            "trainer.gen_batch_size": 2, "trainer.ppo_mini_batch_size": 2, "algorithm.filter_groups.enable": False}
+    train(_cfg(tiny_model_dir, tmp_path / "o", **opts))
+    rows = M.read_jsonl(tmp_path / "o" / "metrics.jsonl")
+    assert [r[M.STEP] for r in rows] == [0, 1] and all(r["val/qa/num_problems"] == 2 for r in rows)  # named by the file's stem

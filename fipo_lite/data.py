@@ -1,6 +1,6 @@
 """Training and evaluation prompts: loaders that return `Example`s, and the one prompt encoder.
 
-Loaders (JSONL, verl-format parquet, synthetic tasks) all produce `Example`s; `encode_prompts`
+Loaders (JSONL, verl-format parquet, `datasets` datasets, synthetic tasks) all produce `Example`s; `encode_prompts`
 applies the tokenizer's chat template to `prompt` (trainer, evaluation and the tiny model's warm
 start all use it) and the reward gets `ground_truth` (and, if it asks, the prompt, `data_source` and
 `extra`: a row's other fields). A bad file raises `DataError`, which the

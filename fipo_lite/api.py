@@ -369,22 +369,30 @@ def evaluate(model: Run | str | Path, data: str | None = None, *, k: int = 8, n_
     data and size, response length, sampler, dtype and reward (the first of reward.function(s): its `correct`
     is the accuracy). `reward`: a built-in name or PATH.py:NAME. Writes to `out` (default RUN/eval)."""
     from . import evaluation as E
+    from .data import data_specs
 
     run = model if isinstance(model, Run) else (Run.load(model) if (Path(model) / "config.yaml").is_file() else None)
     if run is not None:
         c = run.config
-        data = data or c.data.val
+        data = data or data_specs(c.data.val)[0]  # several validation sets: the first
+        if not isinstance(data, str):
+            raise ValueError("the run's data.val is load_dataset arguments, which evaluate cannot take: pass data= (hf:NAME[:SPLIT] or a file)")
         n_problems = n_problems or c.data.val_size
         max_new_tokens = max_new_tokens or c.rollout.max_new_tokens
         engine = engine or c.rollout.engine
         dtype = dtype or (c.rollout.vllm.dtype if engine == "vllm" else c.model.dtype)
         reward = reward or _accuracy_reward(c)
         device = device or c.model.device
+        template = c.data.get("system_prompt"), dict(c.data.get("chat_template_kwargs") or {})  # the prompts as trained
         model = run.dir
     if data is None:
         raise ValueError("evaluate needs data= (synthetic:NAME, .jsonl or .parquet) for a model that is not a run")
     out = Path(out or (run.dir / "eval" if run is not None else tempfile.mkdtemp(prefix="fipo_eval_")))
     argv = ["--model", str(model), "--data", data, "-k", str(k), "--seed", str(seed), "--out", str(out)]
+    if run is not None and template[0]:
+        argv += ["--system-prompt", template[0]]
+    if run is not None and template[1]:
+        argv += ["--chat-template-kwargs", json.dumps(template[1])]
     for flag, value in (("--n-problems", n_problems), ("--max-new-tokens", max_new_tokens), ("--engine", engine),
                         ("--dtype", dtype), ("--reward", reward), ("--device", device)):
         if value is not None:

@@ -295,6 +295,19 @@ def of_run(run_dir: str | Path) -> Path:
     return latest
 
 
+def adapter_dir(path: str | Path, what: str = "lora.adapter_path") -> Path:
+    """The LoRA adapter folder (peft's save_pretrained: adapter_config.json + weights) that `path` names: the
+    folder itself, a checkpoint of this kit (its adapter/) or a run directory (its newest checkpoint's)."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir() and not (p / "adapter_config.json").is_file():
+        p = of_run(p)
+    for folder in (p, p / "adapter"):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    raise CheckpointError(f"{what}={str(path)!r} is not a LoRA adapter: expected a folder with adapter_config.json "
+                          "(peft's save_pretrained), a checkpoint or a run directory")
+
+
 def load_adapter(ckpt_dir: str | Path, model) -> None:
     """Load the checkpoint's adapter weights into `model` (in place); a mismatch is one CheckpointError."""
     ckpt_dir = Path(ckpt_dir)

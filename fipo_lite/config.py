@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # Start from an existing (e.g. SFT) adapter: a peft adapter folder (save_pretrained), a checkpoint or a run directory
+    # of this kit. Its r, alpha, dropout and target_modules are the run's: a value above that differs from the adapter's
+    # and from the default is refused (by key); the path is stored absolute. hf and bnb4 backends.
+    adapter_path: Optional[str] = None
 
 
 @dataclass
@@ -100,12 +105,26 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "synthetic:addition3"  # synthetic:NAME, a .jsonl file or a verl-format .parquet file
-    val: str = "synthetic:addition3"
+    # synthetic:NAME, a .jsonl file, a verl-format .parquet file, or a `datasets` dataset (the datasets extra):
+    # hf:NAME[:SPLIT] (a hub dataset) or a mapping of load_dataset arguments ({path: json, data_files: x.jsonl, split: train})
+    train: Any = "synthetic:addition3"
+    # One spec as data.train, or a list of them ([aime-2024.parquet, math500.jsonl]): each set gets data.val_size problems
+    # and its own val/<name>/avg_at_k, pass_at_k, cons_at_k (name: the set's one data_source, else the file stem) besides
+    # the pooled val/avg_at_k, ...
+    val: Any = "synthetic:addition3"
+    prompt_key: str = "prompt"  # the column of the prompt (a string or chat messages), as verl's data.prompt_key
+    answer_key: Optional[str] = None  # the column of the ground truth; None: reward_model.ground_truth, ground_truth or answer
     train_size: int = 4096  # synthetic training problems (files: all rows)
     val_size: int = 64  # held-out prompts (synthetic val draws from a disjoint seed); 0 only with trainer.eval_every=0
-    max_prompt_length: int = 512
+    max_prompt_length: int = 512  # prompt tokens (chat template and system prompt included)
+    # Leave out the prompts longer than max_prompt_length, with a count on the console (verl's filter_overlong_prompts);
+    # false: such a prompt stops the run. A set with no prompt left is an error either way.
+    filter_overlong_prompts: bool = True
     shuffle: bool = True
+    # A system message put before every prompt (train and val) that has none of its own; None: none
+    system_prompt: Optional[str] = None
+    # Extra variables for the tokenizer's chat template, e.g. {enable_thinking: false} for Qwen3
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -420,8 +439,63 @@ def _check_loggers(cfg: DictConfig) -> None:
     cfg.trainer.logger = list(dict.fromkeys(names))
 
 
+_ADAPTER_SHAPE = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"}  # ours: peft's
+
+
+def _take_adapter_shape(cfg: DictConfig) -> None:
+    """lora.adapter_path: the adapter's shape becomes the lora section's (a key set to something else is refused)."""
+    lo = cfg.lora
+    if not lo.adapter_path:
+        return
+    from .checkpoint import CheckpointError, adapter_dir
+
+    for ok, msg in [(lo.enable, "lora.adapter_path needs lora.enable=true"),
+                    (cfg.model.backend in ("hf", "bnb4"), f"lora.adapter_path works with model.backend hf or bnb4, not {cfg.model.backend!r}")]:
+        if not ok:
+            raise ConfigError(msg)
+    try:
+        folder = adapter_dir(lo.adapter_path)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    default = LoraConfig()
+    for ours, theirs in _ADAPTER_SHAPE.items():
+        value = saved.get(theirs)
+        if value is None or (ours == "target_modules" and not isinstance(value, list)):
+            continue  # a regex target (peft allows one) stays peft's business
+        if ours == "target_modules":
+            value = sorted(value)
+        current = sorted(lo[ours]) if ours == "target_modules" else lo[ours]
+        if current not in (value, getattr(default, ours) if ours != "target_modules" else sorted(default.target_modules)):
+            raise ConfigError(f"config key 'lora.{ours}' is {_short(current)} but the adapter at lora.adapter_path={lo.adapter_path!r} "
+                              f"has {theirs}={_short(value)}; leave lora.{ours} unset (the adapter's shape is used)")
+        lo[ours] = value
+    lo.adapter_path = str(Path(lo.adapter_path).resolve())
+
+
+def _data_spec_ok(v: Any) -> bool:
+    """A data spec: a non-empty string, or load_dataset arguments with a string 'path'."""
+    return (isinstance(v, str) and bool(v)) or (isinstance(v, (dict, DictConfig)) and isinstance(v.get("path"), str))
+
+
+def _check_val(cfg: DictConfig) -> None:
+    """data.train: one data spec; data.val: a spec, or a non-empty list of specs."""
+    specs = ("synthetic:NAME, .jsonl, .parquet, hf:NAME[:SPLIT] or load_dataset arguments with 'path'")
+    if not _data_spec_ok(cfg.data.train):
+        raise ConfigError(f"config key 'data.train' is {_short(cfg.data.train)}; must be a data spec ({specs})")
+    value = cfg.data.val
+    if isinstance(value, (list, ListConfig)):
+        ok = len(value) > 0 and all(_data_spec_ok(v) for v in value)
+    else:
+        ok = _data_spec_ok(value)
+    if not ok:
+        raise ConfigError(f"config key 'data.val' is {_short(value)}; must be a data spec ({specs}) or a non-empty list of them")
+
+
 def validate(cfg: DictConfig) -> None:
     _check_loggers(cfg)
+    _check_val(cfg)
+    _take_adapter_shape(cfg)
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value in ("True", "False") and value.lower() in allowed:  # `key=false` / `key: false` arrive as a bool

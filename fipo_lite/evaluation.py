@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="fipo_lite evaluate", description="avg@k, pass@k and cons@k of a model on a dataset.")
     ap.add_argument("--model", required=True, help="HF model dir or hub name, a checkpoint dir, or a run dir (latest checkpoint)")
-    ap.add_argument("--data", required=True, help="synthetic:NAME, a .jsonl file or a verl-format .parquet file")
+    ap.add_argument("--data", required=True, help="synthetic:NAME, a .jsonl file, a verl-format .parquet file or hf:NAME[:SPLIT] (datasets)")
     ap.add_argument("-k", type=int, default=32, help="samples per problem (default 32, as in the paper)")
     ap.add_argument("--n-samples", type=int, default=None, help="samples drawn per problem, >= k (default k)")
     ap.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (paper)")
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: float32 (hf), bfloat16 (vllm)")
     ap.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences per generate call")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm engine")
+    ap.add_argument("--system-prompt", default=None, help="a system message before every prompt that has none (data.system_prompt)")
+    ap.add_argument("--chat-template-kwargs", default=None, help="a JSON object of chat template variables "
+                    "(data.chat_template_kwargs), e.g. '{\"enable_thinking\": false}'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for per_problem.jsonl and summary.json")
     args = ap.parse_args(argv)
@@ -128,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(msg)
         # No per-request seed: --seed seeds the engine (torch for HF, LLM(seed=...) for vLLM), and vLLM's CPU
         # build cannot rewind a per-request generator ("CPU Generator does not use offset").
+        template_kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else None
+        if template_kwargs is not None and not isinstance(template_kwargs, dict):
+            raise ValueError(f"--chat-template-kwargs must be a JSON object, got {args.chat_template_kwargs!r}")
+        template = {"system_prompt": args.system_prompt, "chat_template_kwargs": template_kwargs}
         params = SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
         examples = load_examples(args.data, n=args.n_problems, seed=args.seed, split="val")
         if not examples:
@@ -143,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
 
             base, adapter = resolve_model(args.model)
             tok = load_tokenizer(base)
-            prompt_ids = encode_prompts(tok, examples)
+            prompt_ids = encode_prompts(tok, examples, **template)
             engine = vllm_engine_for_eval(base, adapter, tok, max(len(p) for p in prompt_ids), args)
         else:
             from .engines.hf import HFEngine
 
             model, tok = load_for_eval(args.model, args.device, args.dtype or "float32")
-            prompt_ids = None
+            prompt_ids = encode_prompts(tok, examples, **template)
             engine = HFEngine(model, tok, args.batch_size)
     except (ValueError, ImportError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

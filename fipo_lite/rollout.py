@@ -95,6 +95,19 @@ def summarize(rows: list[dict], k: int | None = None) -> dict[str, float]:
     return out
 
 
+def summarize_sets(rows: list[dict], sets: list[tuple[str, int]], k: int) -> dict[str, float]:
+    """avg@k, pass@k, cons@k and problem count of each validation set (`sets`: (name, problems) in row order)
+    as val/<name>/..., beside the pooled val/... of `summarize` (verl's per-data_source metrics)."""
+    out, start = {}, 0
+    keys = (M.VAL_AVG, M.VAL_PASS, M.VAL_CONS, M.VAL_LENGTH, "val/num_problems")
+    for name, count in sets:
+        if count:
+            part = summarize(rows[start:start + count], k)
+            out.update({f"val/{name}/{key.split('/', 1)[1]}": part[key] for key in keys})
+        start += count
+    return out
+
+
 def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParams, reward_fn, prompt_ids=None,
                       ) -> tuple[dict[str, float], list[dict]]:
     """Sample `params.n` (>= k) responses per example with any RolloutEngine, score, and summarize.

@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import checkpoint, metrics as M, rundir, samples as S, tracking
 from .config import gen_batch_size, load_config, policy_loss_kwargs, warmup_steps
-from .data import encode_prompts
+from .data import data_specs, encode_within, load_examples, prompt_template, set_name
 from .engines import SamplingParams, build_engine
 from .errors import UserError
 from .example import Example
 from .objective import DEFAULT_AGG, policy_loss
 from .policy import Policy, SeqBatch, use_lean_forward
-from .rollout import evaluate_rollouts, sample_and_score
+from .rollout import evaluate_rollouts, sample_and_score, summarize_sets
 from .tasks import classify_form, get_task
 
 
@@ -321,10 +321,13 @@ def _acc(sums: dict, counts: dict, key: str, value: float) -> None:
 
 
 # ----------------------------------------------------------------------------- evaluation, samples, perf
-def run_eval(engine, tokenizer, examples, prompt_ids, cfg, reward_fn, step: int, tracker=None) -> dict[str, float]:
-    """The periodic evaluation's metrics; its samples go to eval/ (log_samples)."""
+def run_eval(engine, tokenizer, examples, prompt_ids, cfg, reward_fn, step: int, tracker=None,
+             sets: list[tuple[str, int]] | None = None) -> dict[str, float]:
+    """The periodic evaluation's metrics (with `sets`, data.val's list: each set's too); its samples go to eval/ (log_samples)."""
     params = SamplingParams(n=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature, top_p=cfg.trainer.eval_top_p, max_new_tokens=cfg.rollout.max_new_tokens)
     summary, problems = evaluate_rollouts(engine, tokenizer, examples, cfg.trainer.eval_k, params, reward_fn, prompt_ids=prompt_ids)
+    if sets:
+        summary.update(summarize_sets(problems, sets, cfg.trainer.eval_k))
     log_samples(cfg, S.EVAL_DIR, step, S.eval_rows(step, examples, problems), tracker)
     return summary
 
@@ -413,9 +416,40 @@ def train(cfg: DictConfig, reward_callables: dict | None = None) -> dict:
         return _train(cfg, resume, reward_fn, tracker)
 
 
+def encode_data(tokenizer, examples: list, data_cfg: DictConfig, what: str, template: dict) -> tuple[list, list[list[int]]]:
+    """A set's examples and prompt ids, the overlong prompts left out (data.filter_overlong_prompts) and counted."""
+    kept, ids, dropped = encode_within(tokenizer, examples, data_cfg.max_prompt_length, drop_overlong=data_cfg.filter_overlong_prompts,
+                                       what=what, **template)
+    if dropped:
+        print(f"[fipo_lite] {what}: left out {dropped} of {len(examples)} prompts longer than data.max_prompt_length="
+              f"{data_cfg.max_prompt_length} tokens (data.filter_overlong_prompts=true)", file=sys.stderr)
+    return kept, ids
+
+
+def _short_spec(spec) -> str:
+    return spec if isinstance(spec, str) else json.dumps(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec)
+
+
+def load_val(cfg: DictConfig, tokenizer, template: dict) -> tuple[list, list[list[int]], list[tuple[str, int]] | None]:
+    """data.val's examples and prompt ids, data.val_size from each set; for a list of sets also (name, problems)
+    of each, in order, for the per-set metrics (one set: None, its metrics are the pooled val/...)."""
+    specs = data_specs(cfg.data.val)
+    examples, ids, sets = [], [], []
+    for spec in specs:
+        ex = load_examples(spec, n=cfg.data.val_size, seed=cfg.seed, split="val", prompt_key=cfg.data.prompt_key,
+                           answer_key=cfg.data.answer_key)
+        ex, p = encode_data(tokenizer, ex, cfg.data, f"data.val {_short_spec(spec)}" if len(specs) > 1 else "data.val", template)
+        name = set_name(spec, ex)
+        while name in {n for n, _ in sets}:  # two sets of one name: the later one numbered
+            name += "_2"
+        examples += ex
+        ids += p
+        sets.append((name, len(ex)))
+    return examples, ids, sets if isinstance(cfg.data.val, (list, ListConfig)) else None
+
+
 def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker: tracking.Tracker) -> dict:
     from .backends import load_model
-    from .data import load_examples
 
     t, a, r = cfg.trainer, cfg.algorithm, cfg.rollout
     out = Path(cfg.output_dir)
@@ -428,13 +462,14 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker
     policy = Policy(model, tokenizer, t.logprob_chunk_size, share_prompts=t.share_prompt_forward and cfg.model.backend != "unsloth",
                     lean_forward=use_lean_forward(t.lean_forward, model, cfg.model.backend), temperature=r.temperature)
     engine = build_engine(cfg, model, tokenizer)
-    synthetic = cfg.data.train.startswith("synthetic:")
+    synthetic = isinstance(cfg.data.train, str) and cfg.data.train.startswith("synthetic:")
     task = get_task(cfg.data.train.split(":", 1)[1]) if synthetic else None
     form_task = task if task is not None and task.step_line is not None else None  # a task with answer forms to count
-    train_ex = load_examples(cfg.data.train, n=cfg.data.train_size if synthetic else None, seed=cfg.seed, split="train")
-    val_ex = load_examples(cfg.data.val, n=cfg.data.val_size, seed=cfg.seed, split="val") if t.eval_every > 0 else []
-    train_ids = encode_prompts(tokenizer, train_ex, cfg.data.max_prompt_length)
-    val_ids = encode_prompts(tokenizer, val_ex, cfg.data.max_prompt_length)
+    train_ex = load_examples(cfg.data.train, n=cfg.data.train_size if synthetic else None, seed=cfg.seed, split="train",
+                             prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+    template = prompt_template(cfg.data)  # data.system_prompt, data.chat_template_kwargs
+    train_ex, train_ids = encode_data(tokenizer, train_ex, cfg.data, "data.train", template)
+    val_ex, val_ids, val_sets = load_val(cfg, tokenizer, template) if t.eval_every > 0 else ([], [], None)
     stream = PromptStream(len(train_ex), cfg.seed, cfg.data.shuffle)
     optimizer = make_optimizer(policy.trainable_parameters(), cfg)
     scheduler = make_scheduler(optimizer, t)
@@ -485,7 +520,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker
         tracker.log(row)
 
     if start == 0 and t.eval_every > 0:
-        record({M.STEP: 0, **run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn, step=0, tracker=tracker)})
+        record({M.STEP: 0, **run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn, step=0, tracker=tracker, sets=val_sets)})
 
     row: dict = {}
     for step in range(start + 1, t.total_steps + 1):
@@ -546,7 +581,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker
         row[M.SAMPLE_TOKENS_PER_S] = sampled_tokens / row["time/sample_s"] if row["time/sample_s"] > 0 else math.nan
         log_samples(cfg, S.ROLLOUTS_DIR, step, S.rollout_rows(step, sampled, kept), tracker)
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.total_steps):
-            row.update(run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn, step=step, tracker=tracker))
+            row.update(run_eval(engine, tokenizer, val_ex, val_ids, cfg, reward_fn, step=step, tracker=tracker, sets=val_sets))
         row.update(peak_memory(policy.device))
         row["time/step_s"] = time.perf_counter() - t0
         record(row)

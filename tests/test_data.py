@@ -102,3 +102,61 @@ def test_mul2x1_task_for_pretrained_models():
     assert exact_reward(f"Sure! {a} * {b} = {a * b}.", ex.ground_truth)[1]
     assert not exact_reward(f"{a} * {b} = {a * b + 1}", ex.ground_truth)[1]
     assert classify_form(f"answer {a * b}", get_task("mul2x1")) == "other"  # no answer forms to count
+
+
+def test_system_prompt_and_chat_template_kwargs_reach_the_template(tiny_model_dir):
+    from fipo_lite.backends.hf import load_tokenizer
+    from fipo_lite.config import load_config
+    from fipo_lite.data import encode_prompt, prompt_template
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    user = [{"role": "user", "content": "1+1"}]
+    text = lambda ids: tok.decode(ids)  # noqa: E731
+    assert "system" not in text(encode_prompt(tok, user))
+    with_sys = text(encode_prompt(tok, user, system_prompt="Be brief."))
+    assert with_sys.index("system\nBe brief.") < with_sys.index("user\n1+1")
+    own = [{"role": "system", "content": "Mine."}, *user]  # a prompt with its own system message keeps it
+    assert encode_prompt(tok, own, system_prompt="Be brief.") == encode_prompt(tok, own)
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if enable_thinking is defined and not enable_thinking %}<no_think>{% endif %}")
+    cfg = load_config(None, ["data.system_prompt=S", "data.chat_template_kwargs={enable_thinking: false}"])
+    template = prompt_template(cfg.data)
+    assert template == {"system_prompt": "S", "chat_template_kwargs": {"enable_thinking": False}}
+    assert text(encode_prompt(tok, user, **template)) == "S1+1<no_think>"
+    assert text(encode_prompt(tok, user)) == "1+1"
+    assert prompt_template(load_config(None, []).data) == {"system_prompt": None, "chat_template_kwargs": None}
+
+
+def test_a_datasets_dataset_without_the_extra_is_one_line(monkeypatch):
+    import sys
+
+    from fipo_lite.data import DataError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(DataError, match=r"needs the 'datasets' package.*pip install -e '\.\[datasets\]'"):
+        load_examples("hf:someone/some-set")
+
+
+def test_a_datasets_dataset_with_prompt_and_answer_keys(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")  # the datasets extra (the main lane has it)
+    from fipo_lite.data import DataError, set_name
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # local files only: no network
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    rows = [{"question": f"{i}+1=", "solution": i + 1, "level": i} for i in range(4)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = dict(prompt_key="question", answer_key="solution")
+    spec = {"path": "json", "data_files": str(folder / "train.jsonl"), "split": "train", "cache_dir": str(tmp_path / "cache")}
+    ex = load_examples(spec, n=3, **keys)
+    assert [e.ground_truth for e in ex] == ["1", "2", "3"] and ex[1].prompt == [{"role": "user", "content": "1+1="}]
+    assert ex[1].extra == {"level": 1} and set_name(spec, ex) == "train"
+    # hf:NAME[:SPLIT] (here a local folder of data files; a hub name the same way); no split named: the only one
+    assert [e.ground_truth for e in load_examples(f"hf:{folder}", **keys)] == ["1", "2", "3", "4"]
+    assert len(load_examples(f"hf:{folder}:train", n=2, **keys)) == 2
+    with pytest.raises(DataError, match=r"row 0: no 'prompt' field \(data\.prompt_key"):
+        load_examples(spec)
+    with pytest.raises(DataError, match=r"row 0: no ground truth \(need 'answer' \(data\.answer_key\)\)"):
+        load_examples(spec, prompt_key="question", answer_key="answer")
+    with pytest.raises(DataError, match=r"dataset json: load_dataset\(.*\) failed"):
+        load_examples({"path": "json", "data_files": str(tmp_path / "none.jsonl"), "split": "train"})

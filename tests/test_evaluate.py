@@ -141,3 +141,13 @@ def test_evaluate_vllm_without_vllm_names_the_gpu_extra(tiny_model_dir, capsys):
         pytest.skip("vllm is installed here")
     assert E.main(["--model", str(tiny_model_dir), "--data", "synthetic:addition", "-k", "1", "--engine", "vllm"]) == 2
     assert "gpu extra" in capsys.readouterr().err
+
+
+def test_evaluate_command_encodes_with_the_system_prompt_and_template_kwargs(tiny_model_dir, tmp_path, monkeypatch):
+    seen = []
+    real = E.encode_prompts
+    monkeypatch.setattr(E, "encode_prompts", lambda tok, ex, **kw: seen.append(kw) or real(tok, ex, **kw))
+    rc = E.main(["--model", str(tiny_model_dir), "--data", "synthetic:addition", "-k", "1", "--n-problems", "1",
+                 "--max-new-tokens", "2", "--system-prompt", "Add.", "--chat-template-kwargs", '{"enable_thinking": false}'])
+    assert rc == 0 and seen == [{"system_prompt": "Add.", "chat_template_kwargs": {"enable_thinking": False}}]
+    assert E.main(["--model", str(tiny_model_dir), "--data", "synthetic:addition", "--chat-template-kwargs", "[1]"]) == 2

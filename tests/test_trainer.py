@@ -310,3 +310,65 @@ def test_micro_batches_respect_the_token_budget():
         width = max(len(s.prompt_ids) + len(s.response_ids) for s in p)
         assert len(p) * width <= 40 or len(p) == 1
     assert [len(p) for p in micro_batches(samples, size=2, token_budget=0)] == [2, 2, 1]
+
+
+def test_overlong_prompts_are_left_out_with_a_count(tiny_model_dir, tmp_path, capsys):
+    from fipo_lite.backends.hf import load_tokenizer
+    from fipo_lite.data import DataError, encode_prompt
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "1+1=" * 20, "answer": "2"}, {"prompt": "2+1=", "answer": "3"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the limit fits the short prompts only with the system prompt counted: the trainer encodes with it
+    limit = len(encode_prompt(load_tokenizer(str(tiny_model_dir)), [{"role": "user", "content": "1+1="}], system_prompt="Add."))
+    opts = {"data.train": str(data), "data.system_prompt": "Add.", "data.max_prompt_length": limit, "trainer.total_steps": 1,
+            "trainer.eval_every": 0, "data.val_size": 0, "trainer.save_every": 0, "trainer.train_batch_size": 2,
+            "trainer.gen_batch_size": 2, "trainer.ppo_mini_batch_size": 2, "algorithm.filter_groups.enable": False}
+    train(_cfg(tiny_model_dir, tmp_path / "a", **opts))
+    assert f"data.train: left out 1 of 3 prompts longer than data.max_prompt_length={limit}" in capsys.readouterr().err
+    assert len(M.read_jsonl(tmp_path / "a" / "metrics.jsonl")) == 1
+    with pytest.raises(DataError, match=rf"data\.train: all 3 prompts are longer than data\.max_prompt_length={limit - 1}"):
+        train(_cfg(tiny_model_dir, tmp_path / "b", **{**opts, "data.max_prompt_length": limit - 1}))
+    with pytest.raises(DataError, match=r"tokens > data\.max_prompt_length=.*data\.filter_overlong_prompts=true"):
+        train(_cfg(tiny_model_dir, tmp_path / "c", **{**opts, "data.filter_overlong_prompts": False}))
+
+
+def test_several_validation_sets_are_reported_per_set(tiny_model_dir, tmp_path):
+    data = tmp_path / "mini.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    opts = {"data.val": f"[synthetic:addition,{data}]", "data.val_size": 2, "trainer.total_steps": 1, "trainer.eval_every": 1,
+            "trainer.save_every": 0, "trainer.train_batch_size": 2, "trainer.gen_batch_size": 2, "trainer.ppo_mini_batch_size": 2,
+            "algorithm.filter_groups.enable": False}
+    train(_cfg(tiny_model_dir, tmp_path / "o", **opts))
+    rows = M.read_jsonl(tmp_path / "o" / "metrics.jsonl")
+    assert [r[M.STEP] for r in rows] == [0, 1]
+    for row in rows:  # names: the set's one data_source (synthetic/addition), else the file's stem
+        assert row["val/synthetic_addition/num_problems"] == 2 and row["val/mini/num_problems"] == 2
+        assert row["val/num_problems"] == 4
+        for key in ("avg_at_k", "pass_at_k", "cons_at_k"):
+            assert math.isclose(row[f"val/{key}"], (row[f"val/synthetic_addition/{key}"] + row[f"val/mini/{key}"]) / 2)
+
+
+def test_summarize_sets_splits_rows_in_order():
+    from fipo_lite.rollout import summarize_sets
+
+    def problem(acc):
+        return {"k": 2, "avg_at_k": acc, "pass_at_k": float(acc > 0), "cons_at_k": acc, "lengths": [3, 5]}
+
+    out = summarize_sets([problem(1.0), problem(0.5), problem(0.0)], [("a", 1), ("b", 2), ("empty", 0)], k=2)
+    assert out["val/a/avg_at_k"] == 1.0 and out["val/b/avg_at_k"] == 0.25 and out["val/b/pass_at_k"] == 0.5
+    assert out["val/b/num_problems"] == 2 and out["val/a/response_length_mean"] == 4.0 and "val/empty/avg_at_k" not in out
+
+
+def test_a_datasets_dataset_trains_and_evaluates(tiny_model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("datasets")  # the datasets extra (the main lane has it)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(3)))
+    spec = f"{{path: json, data_files: {data}, split: train}}"  # load_dataset arguments
+    opts = {"data.train": spec, "data.val": f"[{spec}]", "data.prompt_key": "q", "data.answer_key": "a", "data.val_size": 2,
+            "trainer.total_steps": 1, "trainer.eval_every": 1, "trainer.save_every": 0, "trainer.train_batch_size": 2,
+            "trainer.gen_batch_size": 2, "trainer.ppo_mini_batch_size": 2, "algorithm.filter_groups.enable": False}
+    train(_cfg(tiny_model_dir, tmp_path / "o", **opts))
+    rows = M.read_jsonl(tmp_path / "o" / "metrics.jsonl")
+    assert [r[M.STEP] for r in rows] == [0, 1] and all(r["val/qa/num_problems"] == 2 for r in rows)  # named by the file's stem

@@ -30,9 +30,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def apply_lora(model, lora_cfg):
-    """Wrap `model` with a fresh LoRA adapter (peft). Seed torch before calling for reproducible init."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap `model` with a fresh LoRA adapter (peft), or with the trainable adapter at lora.adapter_path (an SFT
+    adapter to start RL from; config.py took its shape). Seed torch before calling for reproducible init."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    if lora_cfg.get("adapter_path"):
+        from ..checkpoint import adapter_dir
+
+        return PeftModel.from_pretrained(model, str(adapter_dir(lora_cfg.adapter_path)), is_trainable=True)
     config = LoraConfig(
         r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
         target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM",

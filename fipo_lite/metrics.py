@@ -94,6 +94,16 @@ def length_stats(lengths: Iterable[int]) -> dict[str, float]:
     }
 
 
+def flat_dict(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted.key: leaf} (a config's keys: the run directory's change check, tracker params)."""
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(flat_dict(v, f"{prefix}{k}."))
+    return out
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None

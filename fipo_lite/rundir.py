@@ -31,11 +31,12 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
+from .metrics import flat_dict
 from .config import RESUME_SAFE_KEYS, RunConfig, resolve_loss_defaults
 from .errors import UserError
 
@@ -110,20 +111,11 @@ def hold(output_dir: str | Path) -> Iterator[Path]:
 
 
 # ----------------------------------------------------------------------------- one experiment
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def config_changes(old: dict, new: dict) -> dict[str, list]:
     """{key: [old, new]} for every leaf that differs; a key missing on one side counts as its default, and
     a null loss default (algorithm.clip_high, loss_agg_mode) as the value the loss resolves it to."""
-    defaults = _flat(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
-    a, b = _flat(old), _flat(new)
+    defaults = flat_dict(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+    a, b = flat_dict(old), flat_dict(new)
     keys = sorted(set(a) | set(b))
     a = resolve_loss_defaults({k: a.get(k, defaults.get(k)) for k in keys})
     b = resolve_loss_defaults({k: b.get(k, defaults.get(k)) for k in keys})

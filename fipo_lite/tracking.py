@@ -181,7 +181,7 @@ class MLflow:
             run = client.create_run(exp_id, run_name=run_name(cfg))
             from mlflow.entities import Param
 
-            params = [Param(k, str(v)[:500]) for k, v in _flat(OmegaConf.to_container(cfg, resolve=True)).items()]
+            params = [Param(k, str(v)[:500]) for k, v in M.flat_dict(OmegaConf.to_container(cfg, resolve=True)).items()]
             for i in range(0, len(params), 100):  # mlflow takes at most 100 params per call
                 client.log_batch(run.info.run_id, params=params[i : i + 100])
             state.clear()
@@ -202,15 +202,6 @@ class MLflow:
 
     def close(self, failed: bool) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
 
 
 _CLASSES = {"console": Console, "tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}

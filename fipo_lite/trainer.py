@@ -341,12 +341,13 @@ def log_samples(cfg: DictConfig, kind: str, step: int, rows: list[dict], tracker
         rows = rows[: t.log_rollouts_max]
     if t.log_rollouts:
         S.write_rows(S.step_file(cfg.output_dir, kind, step), rows)
-    if kind == S.ROLLOUTS_DIR and t.print_samples_every and step % t.print_samples_every == 0 and rows:
+    shown = bool(rows) and kind == S.ROLLOUTS_DIR and t.print_samples_every > 0 and step % t.print_samples_every == 0
+    if shown:
         from tqdm.auto import tqdm
 
         tqdm.write(f"[fipo_lite] step {step}: {min(t.print_samples_num, len({r['group'] for r in rows}))} of its completions\n"
                    f"{S.format_rows(rows, t.print_samples_num)}", file=sys.stderr)
-    if tracker is not None and rows and (kind == S.EVAL_DIR or (t.print_samples_every and step % t.print_samples_every == 0)):
+    if tracker is not None and rows and (kind == S.EVAL_DIR or shown):
         tracker.log_table(kind, rows, step=step)
 
 

@@ -276,35 +276,48 @@ class _MergedLoRA(torch.autograd.Function):
 
     peft's x W^T + s (x A^T) B^T costs two thin matmuls (inner size r) and two full-size elementwise
     passes per projection, forward and backward; here the forward is one matmul against W + s B A
-    (an [out, in] sum, rebuilt in backward rather than kept), dx one matmul against it, and
-    dA = (dy B)^T x, dB = dy^T (x A^T) (s folded into B by the caller). W never gets a gradient."""
+    (an [out, in] sum written in one pass, rebuilt in backward rather than kept), dx one matmul against
+    it, and dA = (dy B)^T x, dB = dy^T (x A^T) (s folded into B by the caller). W never gets a gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, rows, *lora):
-        ctx.rows = rows  # (first output row, rows) of each adapted projection; lora = A0, sB0, A1, sB1, ...
+    def forward(ctx, x, bias, residual, weights, adapted, *lora):
+        # weights: the frozen [out_i, in] weight of each projection; adapted[i]: whether it has a LoRA pair
+        # in lora = A0, sB0, A1, sB1, ... (in order)
+        ctx.weights, ctx.adapted = weights, adapted
         ctx.has_residual = residual is not None
-        ctx.save_for_backward(x, weight, *lora)
-        merged = _merge(weight, rows, lora)
+        ctx.save_for_backward(x, *lora)
+        merged = _merge(weights, adapted, lora)
         out = F.linear(x, merged, bias) if residual is None else torch.addmm(residual, x, merged.t())
         return out if residual is None or bias is None else out + bias
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, *lora = ctx.saved_tensors
-        dx = dy @ _merge(weight, ctx.rows, lora) if ctx.needs_input_grad[0] else None
-        grads = []
-        for (start, n), a, b in zip(ctx.rows, lora[0::2], lora[1::2]):
-            dy_i = dy[:, start : start + n]
-            grads += [(dy_i @ b).t() @ x, dy_i.t() @ (x @ a.t())]
-        return dx, None, None, dy if ctx.has_residual else None, None, *grads
+        x, *lora = ctx.saved_tensors
+        dx = dy @ _merge(ctx.weights, ctx.adapted, lora) if ctx.needs_input_grad[0] else None
+        grads, start, pairs = [], 0, iter(zip(lora[0::2], lora[1::2]))
+        for w, has_lora in zip(ctx.weights, ctx.adapted):
+            if has_lora:
+                a, b = next(pairs)
+                dy_i = dy[:, start : start + w.shape[0]]
+                grads += [(dy_i @ b).t() @ x, dy_i.t() @ (x @ a.t())]
+            start += w.shape[0]
+        return dx, None, dy if ctx.has_residual else None, None, None, *grads
 
 
-def _merge(weight: torch.Tensor, rows, lora) -> torch.Tensor:
-    if not rows:  # no adapter on these projections (the sampler's merged copy, or partial LoRA targets)
-        return weight
-    merged = weight.clone()
-    for (start, n), a, b in zip(rows, lora[0::2], lora[1::2]):
-        merged[start : start + n].addmm_(b, a)
+def _merge(weights: tuple, adapted: tuple, lora) -> torch.Tensor:
+    """The projections' weights side by side, each plus its s B A: one [sum out, in] tensor, written once."""
+    if len(weights) == 1 and not adapted[0]:
+        return weights[0]
+    merged = weights[0].new_empty((sum(w.shape[0] for w in weights), weights[0].shape[1]))
+    start, pairs = 0, iter(zip(lora[0::2], lora[1::2]))
+    for w, has_lora in zip(weights, adapted):
+        rows = merged[start : start + w.shape[0]]
+        if has_lora:
+            a, b = next(pairs)
+            torch.addmm(w, b, a, out=rows)
+        else:
+            rows.copy_(w)
+        start += w.shape[0]
     return merged
 
 
@@ -312,15 +325,13 @@ def _lora_linear(x: torch.Tensor, linears, residual: torch.Tensor | None = None)
     """The side-by-side outputs of `linears` (peft LoRA layers or frozen nn.Linear) that read x, as one
     tensor [N, sum of outputs] (plus `residual`)."""
     bases = [getattr(p, "base_layer", p) for p in linears]
-    weight = bases[0].weight if len(bases) == 1 else torch.cat([b.weight for b in bases])
-    rows, lora, start = [], [], 0
-    for p, base in zip(linears, bases):
-        if hasattr(p, "lora_A"):
+    adapted, lora = [], []
+    for p in linears:
+        adapted.append(hasattr(p, "lora_A"))
+        if adapted[-1]:
             name = p.active_adapters[0]
-            rows.append((start, base.out_features))
             lora += [p.lora_A[name].weight, p.lora_B[name].weight * p.scaling[name]]
-        start += base.out_features
-    return _MergedLoRA.apply(x, weight, _cat_bias(bases), residual, tuple(rows), *lora)
+    return _MergedLoRA.apply(x, _cat_bias(bases), residual, tuple(b.weight for b in bases), tuple(adapted), *lora)
 
 
 class _Take(torch.autograd.Function):

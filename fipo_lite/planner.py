@@ -160,9 +160,9 @@ def _trainer_parts(cfg, arch: Arch) -> dict:
         acts = kept + 2 * tokens * per_layer  # + one layer recomputed, and its gradients
     else:
         acts = tokens * per_layer * arch.num_hidden_layers
-    acts += 3 * tokens * arch.hidden_size * 4  # final hidden states and their gradient
+    acts += 4 * tokens * arch.hidden_size * 4  # final hidden states, their gradient and d logp / dh (policy._FrozenHeadLogp)
     chunk = min(t.logprob_chunk_size, tokens)
-    logits = 3 * chunk * arch.vocab_size * 4  # fp32 logits, log-softmax, gradient of one chunk
+    logits = 3 * chunk * arch.vocab_size * 4  # fp32 logits, log-softmax and softmax of one chunk (at most)
     G = 1 / GIB
     return {"weights": weights * G, "lora+optimizer": lora_bytes * G, "activations": acts * FRAGMENTATION * G,
             "logits": logits * G, "cuda_context": CUDA_CONTEXT_GB, "micro_batch_tokens": tokens}

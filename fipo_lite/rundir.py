@@ -6,7 +6,9 @@ A run directory holds hours of GPU work, so `train` guards it:
   run, so a stale lock is simply taken over (and its last holder named).
 - `open_run` decides where the run starts: fresh, or from the newest good checkpoint. On a resume it
   compares the new config with the one the checkpoint was trained with (config.RESUME_SAFE_KEYS may
-  change; anything else needs trainer.allow_config_change=true) and records every change.
+  change; anything else needs trainer.allow_config_change=true) and records every change. The files
+  the config names are compared too (`input_digests`: reward files, local data files): an edited reward
+  under an unchanged config would otherwise finish a run that trained on two rewards and says one.
 
 Layout of OUTPUT_DIR (checkpoints/ is described in checkpoint.py):
   run.lock              pid, host and start time of the live run (empty after a clean exit)
@@ -38,7 +40,9 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint
 from .metrics import flat_dict
 from .config import RESUME_SAFE_KEYS, RunConfig, resolve_loss_defaults
+from .data import data_specs
 from .errors import UserError
+from .rewards import component_entries, spec_kind
 
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.yaml"
@@ -122,6 +126,22 @@ def config_changes(old: dict, new: dict) -> dict[str, list]:
     return {k: [a[k], b[k]] for k in keys if a[k] != b[k]}
 
 
+def input_digests(cfg: DictConfig) -> dict[str, str]:
+    """{"file PATH": sha256} of the files a run reads besides its config and model: each reward file
+    (reward.function / reward.functions, PATH.py:NAME) and each local data file (data.train, data.val).
+    Saved in every checkpoint's trainer state; a resume compares them as it compares the config."""
+    paths = [spec.rpartition(":")[0] for _, spec, _, _ in component_entries(cfg.reward)
+             if isinstance(spec, str) and spec_kind(spec) == "file"]
+    paths += [s for key in ("train", "val") for s in data_specs(cfg.data[key]) if isinstance(s, str) and os.path.isfile(s)]
+    return {f"file {os.path.abspath(p)}": checkpoint.file_sha256(Path(p)) for p in sorted(set(paths)) if os.path.isfile(p)}
+
+
+def input_changes(old: dict | None, new: dict) -> dict[str, list]:
+    """{"file PATH": [old sha256[:12], new sha256[:12]]} for each file read by both runs whose content changed
+    (a file the config no longer names shows as a config change)."""
+    return {k: [old[k][:12], new[k][:12]] for k in sorted(new) if old and k in old and old[k] != new[k]}
+
+
 def _fmt(changes: dict[str, list]) -> str:
     return ", ".join(f"{k} {json.dumps(o)} -> {json.dumps(n)}" for k, (o, n) in changes.items())
 
@@ -147,9 +167,10 @@ def _record(out: Path, row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def open_run(cfg: DictConfig) -> tuple[Path, dict] | None:
+def open_run(cfg: DictConfig, inputs: dict[str, str] | None = None) -> tuple[Path, dict] | None:
     """(checkpoint, trainer state) to resume from, or None for a fresh start; checks that a resume
-    continues the same experiment and records what changed. Call while holding the directory."""
+    continues the same experiment (the config, and the files `inputs` digests: input_digests) and
+    records what changed. Call while holding the directory."""
     out, t = Path(cfg.output_dir), cfg.trainer
     if t.resume == "never":
         found = None
@@ -170,6 +191,7 @@ def open_run(cfg: DictConfig) -> tuple[Path, dict] | None:
     # a decaying lr schedule, or a warmup given as a share of them, is laid out over total_steps: changing
     # it changes the lr of the steps to come
     schedule_over_steps = cfg.trainer.lr_scheduler != "constant" or cfg.trainer.warmup_ratio is not None
+    changes.update(input_changes(state.get("inputs"), inputs or {}))
     relevant = {k: v for k, v in changes.items()
                 if k not in RESUME_SAFE_KEYS or (k == "trainer.total_steps" and schedule_over_steps)}
     if relevant and not t.allow_config_change:

@@ -412,9 +412,10 @@ def train(cfg: DictConfig, reward_callables: dict | None = None) -> dict:
     reward_fn = RewardRunner(cfg.reward, max_response_length=cfg.rollout.max_new_tokens, callables=reward_callables)
     if reward_fn.named:
         print(f"[fipo_lite] reward = {describe(reward_fn.components)}", file=sys.stderr)
+    inputs = rundir.input_digests(cfg)  # the reward and data files' contents, checked on resume like the config
     with rundir.hold(cfg.output_dir), tracking.Tracker() as tracker:
-        resume = rundir.open_run(cfg)  # before the model loads: a refused resume stops at once
-        return _train(cfg, resume, reward_fn, tracker)
+        resume = rundir.open_run(cfg, inputs)  # before the model loads: a refused resume stops at once
+        return _train(cfg, resume, reward_fn, tracker, inputs)
 
 
 def encode_data(tokenizer, examples: list, data_cfg: DictConfig, what: str, template: dict) -> tuple[list, list[list[int]]]:
@@ -449,7 +450,7 @@ def load_val(cfg: DictConfig, tokenizer, template: dict) -> tuple[list, list[lis
     return examples, ids, sets if isinstance(cfg.data.val, (list, ListConfig)) else None
 
 
-def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker: tracking.Tracker) -> dict:
+def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker: tracking.Tracker, inputs: dict[str, str]) -> dict:
     from .backends import load_model
 
     t, a, r = cfg.trainer, cfg.algorithm, cfg.rollout
@@ -590,7 +591,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker
         # 4. checkpoint (after eval, so the saved RNG state is the one the next step starts from).
         if t.save_every > 0 and (step % t.save_every == 0 or step == t.total_steps):
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "data": stream.state_dict(), "rng": checkpoint.rng_state()}
+                     "data": stream.state_dict(), "rng": checkpoint.rng_state(), "inputs": inputs}
             checkpoint.save(ckpt_root, step, model, state, keep=t.keep_checkpoints, config=OmegaConf.to_container(cfg))
     return row
 

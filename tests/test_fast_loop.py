@@ -201,3 +201,50 @@ def test_prompt_sharing_is_off_under_gradient_checkpointing(tiny_model_dir):
     model.gradient_checkpointing_enable()
     assert not policy._can_share(batch)  # transformers turns the KV cache off under checkpointing
     assert not Policy(model, tok, share_prompts=False)._can_share(batch)
+
+
+@pytest.mark.parametrize("temperature,chunk,dtype", [(1.0, 7, torch.float32), (0.7, 1024, torch.float32), (1.3, 5, torch.float64)])
+def test_frozen_head_takes_the_logprob_gradient_in_its_forward(temperature, chunk, dtype):
+    """policy._FrozenHeadLogp (a frozen LM head: LoRA's case) gives autograd's log-probs, entropies and
+    gradient with respect to the hidden states, at any temperature and chunking, with a head bias."""
+    from fipo_lite.policy import _FrozenHeadLogp, head_is_frozen
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True).to(dtype).requires_grad_(False)
+    h = (torch.randn(23, 16, dtype=dtype) * 2).requires_grad_(True)
+    targets = torch.randint(0, 50, (23,))
+    weights = torch.randn(23, dtype=torch.float32)
+    assert head_is_frozen(head)
+
+    logp, ent = _FrozenHeadLogp.apply(h, targets, head, temperature, chunk)
+    (logp * weights).sum().backward()
+    got_grad, h.grad = h.grad.clone(), None
+
+    logp_all = (head(h).float() / temperature).log_softmax(-1)  # the plain autograd path
+    want = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    (want * weights).sum().backward()
+    tol = 1e-5  # the logits are float32 in both paths (a float64 head too), only the rounding order differs
+    assert torch.allclose(logp, want, atol=tol) and torch.allclose(ent, -(logp_all.exp() * logp_all).sum(-1).detach(), atol=tol)
+    assert torch.allclose(got_grad, h.grad, atol=tol) and got_grad.abs().max() > 1e-2 and got_grad.dtype == dtype
+
+
+def test_a_head_that_trains_keeps_autograd(tiny_model_dir):
+    """With the LM head trainable (e.g. peft's modules_to_save), the head gets its gradient through
+    autograd, and log-probs and entropies are those of the frozen-head path."""
+    from fipo_lite.policy import head_is_frozen
+
+    model, tok = _lora(tiny_model_dir)
+    batch = SeqBatch.from_lists([PROMPTS[0]] * 2, [[5, 6, 7], [8]], tok.pad_token_id)
+    policy = Policy(model, tok, chunk_size=2)
+    assert head_is_frozen(policy.lm_head)
+    frozen_logp, frozen_ent = policy.logprobs(batch, with_entropy=True)
+    policy.lm_head.weight.requires_grad_(True)
+    try:
+        assert not head_is_frozen(policy.lm_head)
+        logp, ent = policy.logprobs(batch, with_entropy=True)
+        logp.sum().backward()
+        assert policy.lm_head.weight.grad is not None and policy.lm_head.weight.grad.abs().max() > 0
+        assert torch.allclose(logp, frozen_logp, atol=1e-6) and torch.allclose(ent, frozen_ent, atol=1e-6)
+    finally:
+        policy.lm_head.weight.requires_grad_(False)
+        policy.lm_head.weight.grad = None

@@ -437,3 +437,35 @@ def test_lr_schedules_follow_transformers_and_survive_a_resume(tiny_model_dir, t
     # the resume on, the lr follows the 4-step plan exactly as in the run that went through
     assert lrs(parts)[2:] == pytest.approx(lrs(through)[2:]) and lrs(parts)[:1] == pytest.approx(lrs(through)[:1])
     assert len(set(lrs(through))) == 4  # a schedule, not a constant
+
+
+def test_a_reward_or_data_file_edited_between_run_and_resume_is_caught(tiny_model_dir, tmp_path, capsys):
+    """The config names a reward file and a data file by path: their content changing under the same
+    config is a change of experiment, refused on resume like a config change unless opted in, and recorded."""
+    reward = tmp_path / "my_reward.py"
+    reward.write_text("def score(response, ground_truth):\n    return float(ground_truth in response)\n")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(10, 30)))
+    out = tmp_path / "run"
+    args = _args(tiny_model_dir, out, **{"reward.function": f"{reward}:score", "data.train": str(data)})
+    assert main(args) == 0
+    state = checkpoint.read_state(out / "checkpoints" / "step_000002")
+    assert set(state["inputs"]) == {f"file {reward}", f"file {data}"}
+
+    more = [*args, "trainer.total_steps=3"]
+    reward.write_text("def score(response, ground_truth):\n    return 1.0\n")  # the same config, another reward
+    assert main(more) == 2
+    err = _err_lines(capsys.readouterr().err)
+    assert len(err) == 1 and f"file {reward}" in err[0] and "trainer.allow_config_change=true" in err[0], err
+    assert f"file {data}" not in err[0] and _steps(out) == [1, 2]
+    assert main([*more, "trainer.allow_config_change=true"]) == 0
+    assert _steps(out) == [1, 2, 3]
+    hist = [json.loads(x) for x in (out / rundir.HISTORY_FILE).read_text().splitlines()]
+    changed = hist[-1]["changes"]
+    assert f"file {reward}" in changed and f"file {data}" not in changed and hist[-1]["allowed_by"] == "trainer.allow_config_change"
+    assert changed[f"file {reward}"][0] == state["inputs"][f"file {reward}"][:12] != changed[f"file {reward}"][1]
+
+    with open(data, "a") as f:  # the data file grows
+        f.write(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    assert main([*args, "trainer.total_steps=4"]) == 2
+    assert f"file {data}" in _err_lines(capsys.readouterr().err)[0]

@@ -202,3 +202,31 @@ def test_an_lr_schedule_verl_would_not_run_is_refused():
     assert plugin.main(["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "trainer.lr_scheduler=cosine"]) == 2
     with pytest.raises(ValueError, match="reward.function / reward.functions have no translation"):  # verl would score with DAPO's
         plugin.launcher_overrides(load_config(ROOT / "configs" / "tiny_cpu.yaml", ["reward.functions=[{function: exact}]"]))
+
+
+def test_trackers_names_overlong_prompts_and_validation_sets_reach_verl(capsys, monkeypatch):
+    """trainer.logger / project / run_name, data.filter_overlong_prompts and a list of validation sets are
+    translated (and parse with Hydra's parser); data verl cannot read is named on stderr, not dropped silently."""
+    a, b = str(ROOT / "x" / "aime.parquet"), str(ROOT / "x" / "math.parquet")
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [
+        "trainer.logger=[console,wandb]", "trainer.project=proj", "trainer.run_name=try1", "data.filter_overlong_prompts=true",
+        f"data.val=[{a},{b},synthetic:modsum]"])
+    printed = dict(o.split("=", 1) for o in plugin.launcher_overrides(cfg))
+    assert printed["trainer.logger"] == "[console,wandb]" and printed["trainer.project_name"] == "proj"
+    assert printed["trainer.experiment_name"] == "try1" and printed["data.filter_overlong_prompts"] == "True"
+    assert printed["data.val_files"] == f"[{a},{b}]" and "data.train_files" not in printed
+    notes = plugin.untranslated(cfg)
+    assert len(notes) == 2 and "data.train='synthetic:" in notes[0] and "data.val='synthetic:modsum'" in notes[1]
+    default = dict(o.split("=", 1) for o in plugin.launcher_overrides(load_config(ROOT / "configs" / "tiny_cpu.yaml")))
+    assert default["trainer.logger"] == "[console]" and default["trainer.experiment_name"] == Path(cfg.output_dir).name
+
+    monkeypatch.setattr("fipo_lite.config.load_config", lambda *a, **k: cfg)
+    assert plugin.main(["--config", "unused.yaml"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("[fipo_lite] note: data.") == 2
+    pytest.importorskip("hydra", reason="hydra-core (verl's config system) is not installed")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    words = shlex.split(out.replace("\\\n", " "))[3:]
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(words)}
+    assert parsed["trainer.logger"] == ["console", "wandb"] and parsed["data.val_files"] == [a, b]

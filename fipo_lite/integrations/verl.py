@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -209,11 +210,41 @@ def recipe_overrides(cfg) -> dict[str, Any]:
         "reward_model.overlong_buffer.penalty_factor": rw.overlong.penalty_factor,
         "trainer.total_training_steps": t.total_steps, "trainer.test_freq": t.eval_every, "trainer.save_freq": t.save_every,
         "actor_rollout_ref.model.path": cfg.model.path,
+        # the run's trackers and names (verl's Tracking knows the same backends), overlong prompts as the loop drops them
+        "trainer.logger": _hydra_list(_select(cfg, "trainer.logger", ["console"])),
+        "trainer.project_name": _select(cfg, "trainer.project", "fipo_lite"),
+        "trainer.experiment_name": _select(cfg, "trainer.run_name") or Path(cfg.output_dir).name,
+        "data.filter_overlong_prompts": bool(_select(cfg, "data.filter_overlong_prompts", False)),
     }
     for split, key in (("train", "data.train_files"), ("val", "data.val_files")):
-        if str(d[split]).endswith(".parquet"):  # verl reads verl-format parquet only
-            out.update({key: d[split], "data.prompt_key": "prompt", "data.truncation": "left"})
+        files = _parquet_files(d[split])
+        if files:  # verl reads verl-format parquet only (untranslated() names the rest)
+            out.update({key: files[0] if len(files) == 1 else _hydra_list(files), "data.prompt_key": "prompt", "data.truncation": "left"})
     return out
+
+
+def _hydra_list(items) -> str:
+    return "[" + ",".join(str(x) for x in items) + "]"
+
+
+def _parquet_files(value) -> list[str]:
+    from ..data import data_specs
+
+    return [s for s in data_specs(value) if isinstance(s, str) and s.endswith(".parquet")]
+
+
+def untranslated(cfg) -> list[str]:
+    """What of the config the printed command leaves out and the user must supply: data that is not a
+    verl-format parquet file (a synthetic task, JSONL, a `datasets` dataset)."""
+    from ..data import data_specs
+
+    notes = []
+    for split, key in (("train", "data.train_files"), ("val", "data.val_files")):
+        for spec in data_specs(cfg.data[split]):
+            if spec not in _parquet_files(spec):
+                notes.append(f"data.{split}={spec!r} is not a verl-format .parquet file: it is left out of {key}; "
+                             "write it as one (prompt as chat messages, reward_model.ground_truth) and add it there")
+    return notes
 
 
 def launcher_overrides(cfg, target: str = "stock") -> list[str]:
@@ -247,10 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     try:
-        lines = launcher_overrides(load_config(args.config, args.overrides), args.target)
+        cfg = load_config(args.config, args.overrides)
+        lines = launcher_overrides(cfg, args.target)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for note in untranslated(cfg):
+        print(f"[fipo_lite] note: {note}", file=sys.stderr)
     # shell-quoted: after the shell, Hydra gets each override as written (the knobs' JSON inside Hydra's quotes)
     print(f"python3 -m {ENTRY[args.target]} \\\n    " + " \\\n    ".join(shlex.quote(x) for x in lines))
     return 0

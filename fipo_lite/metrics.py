@@ -33,6 +33,7 @@ VAL_AVG = "val/avg_at_k"
 VAL_PASS = "val/pass_at_k"
 VAL_CONS = "val/cons_at_k"
 VAL_LENGTH = "val/response_length_mean"
+VAL_REWARD = "val/reward_mean"  # the shaped score (what the advantage sees) over every evaluation sample
 ACTOR = "actor/"  # + a policy_loss metric name, e.g. actor/policy_kl, actor/influence_mean
 ENTROPY = "actor/entropy"
 GRAD_NORM = "actor/grad_norm"
@@ -62,9 +63,12 @@ MAX_MEMORY_ALLOCATED_GB = "perf/max_memory_allocated_gb"
 PEAK_RSS_GB = "perf/peak_rss_gb"
 
 
-def reward_component(name: str, sampled: bool = False) -> str:
+def reward_component(name: str, sampled: bool = False, val: bool = False) -> str:
     """The mean unweighted score of one of reward.function(s): reward/<name>/mean over the batch trained on
-    (TRL's rewards/<name>/mean), sampled/reward_<name>_mean over everything sampled."""
+    (TRL's rewards/<name>/mean), sampled/reward_<name>_mean over everything sampled, val/reward_<name>_mean
+    over an evaluation's samples."""
+    if val:
+        return f"val/reward_{name}_mean"
     return f"sampled/reward_{name}_mean" if sampled else f"reward/{name}/mean"
 
 

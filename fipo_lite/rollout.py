@@ -11,6 +11,7 @@ estimator 1 - C(n-c, k) / C(n, k).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ def summarize(rows: list[dict], k: int | None = None) -> dict[str, float]:
         M.VAL_PASS: sum(r["pass_at_k"] for r in rows) / len(rows),
         M.VAL_CONS: sum(r["cons_at_k"] for r in rows) / len(rows),
         M.VAL_LENGTH: sum(lengths) / len(lengths),
+        M.VAL_REWARD: _mean(x for r in rows for x in r["scores"]),
         "val/k": float(k),
         "val/num_problems": float(len(rows)),
     }
@@ -134,6 +136,14 @@ def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParam
             "cons_at_k": cons_at_k(preds[:k], accs[:k]), "responses": [texts[i] for i in idx],
         })
     summary = summarize(rows, k)
+    for name, values in rew.components.items():  # reward.function(s): each reward's own mean, as in training
+        summary[M.reward_component(name, val=True)] = _mean(values)
     if rew.failures:
         summary["val/reward_failures"] = float(rew.failures)
     return summary, rows
+
+
+def _mean(values) -> float:
+    """The mean of the finite values (a failed reward is NaN), NaN when none is."""
+    kept = [float(v) for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan

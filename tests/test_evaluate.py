@@ -78,6 +78,7 @@ def test_evaluate_rollouts_summary_by_hand():
     assert summary[M.VAL_CONS] == pytest.approx(0.5)  # "3" wins problem 0, "4" wins problem 1
     assert summary[M.VAL_LENGTH] == pytest.approx(sum(len(r) for rs in engine.responses for r in rs) / 6)
     assert summary["val/response_length_min"] == 1 and summary["val/response_length_max"] == 8
+    assert summary[M.VAL_REWARD] == pytest.approx(3 / 6)  # the scores: 1 for each right answer
     assert R.summarize(rows) == summary  # k is read from the rows
     # n = 3 samples, k = 1: pass@1 and avg use all 3, cons@1 votes over the first sample only
     s1, rows1 = R.evaluate_rollouts(engine, FakeTok(), ex, 1, SamplingParams(n=3), RewardRunner(RewardConfig(name="exact"), 8),

@@ -80,6 +80,8 @@ def test_reward_file_in_a_tiny_run(tiny_model_dir, tmp_path, monkeypatch):
     calls = [json.loads(line) for line in (tmp_path / "rw" / "calls.jsonl").read_text().splitlines()][len(calls):]
     assert {c["fn"] for c in calls} == {"ends_right"} and len(calls) == 4 * 2
     assert ev.summary[M.VAL_AVG] == pytest.approx(mean([c["score"] for c in calls]))
+    assert ev.summary[M.VAL_REWARD] == pytest.approx(mean([c["score"] for c in calls]))
+    assert ev.summary[M.reward_component("ends_right", val=True)] == pytest.approx(mean([c["score"] for c in calls]))
 
 
 def quarter(response, ground_truth):

@@ -84,3 +84,31 @@ def test_a_lora_key_that_contradicts_the_adapter_is_refused(tiny_model_dir, sft_
         _cfg(tiny_model_dir, tmp_path / "o", f"lora.adapter_path={tmp_path / 'nope'}")
     with pytest.raises(ConfigError, match=r"lora\.adapter_path needs lora\.enable=true"):
         _cfg(tiny_model_dir, tmp_path / "o", f"lora.adapter_path={sft_adapter}", "lora.enable=false")
+
+
+def test_adapter_start_on_the_nf4_base(tiny_model_dir, sft_adapter, tmp_path):
+    """model.backend=bnb4 with lora.adapter_path (the stack lane's bitsandbytes, on a CPU): the QLoRA policy
+    starts from the adapter's weights, trainable, and a run steps on the NF4 base from them."""
+    pytest.importorskip("bitsandbytes", reason="the stack lane's bitsandbytes is not installed here")
+    from safetensors.torch import load_file
+
+    from fipo_lite.backends import load_model
+    from fipo_lite.trainer import train
+
+    cfg = _cfg(tiny_model_dir, tmp_path / "run", f"lora.adapter_path={sft_adapter}", "model.backend=bnb4", "model.dtype=float32")
+    policy, _ = load_model(cfg)
+    saved = load_file(str(sft_adapter / "adapter_model.safetensors"))
+    live = {n: p for n, p in policy.named_parameters() if "lora_" in n}
+    assert len(live) == len(saved) > 0
+    for key, value in saved.items():  # peft saves ...lora_A.weight for the live ...lora_A.default.weight
+        param = live[key.replace(".weight", ".default.weight")]
+        torch.testing.assert_close(param.detach(), value)
+        assert param.requires_grad
+    ids = torch.tensor([[5, 9, 12, 7, 3, 20]])
+    on = _logits(policy.eval(), ids)
+    with policy.disable_adapter():
+        assert not torch.allclose(on, _logits(policy, ids))  # the adapter acts on the NF4 base
+
+    train(cfg)
+    trained = load_file(str(tmp_path / "run" / "checkpoints" / "step_000001" / "adapter" / "adapter_model.safetensors"))
+    assert set(trained) == set(saved)  # the run's adapter is the SFT adapter's, not a fresh one of the default shape

@@ -88,7 +88,7 @@ def summarize(rows: list[dict], k: int | None = None) -> dict[str, float]:
         M.VAL_PASS: sum(r["pass_at_k"] for r in rows) / len(rows),
         M.VAL_CONS: sum(r["cons_at_k"] for r in rows) / len(rows),
         M.VAL_LENGTH: sum(lengths) / len(lengths),
-        M.VAL_REWARD: _mean(x for r in rows for x in r["scores"]),
+        M.VAL_REWARD: _mean(x for r in rows for x in r.get("scores", ())),  # (rows written before scores were kept: NaN)
         "val/k": float(k),
         "val/num_problems": float(len(rows)),
     }

@@ -72,6 +72,12 @@ def reward_component(name: str, sampled: bool = False, val: bool = False) -> str
     return f"sampled/reward_{name}_mean" if sampled else f"reward/{name}/mean"
 
 
+def nan_mean(values: Iterable[float]) -> float:
+    """The mean of the values that are not NaN (a failed reward scores NaN); NaN when none is left."""
+    kept = [float(v) for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
 def rollout_stats(lengths: list[int], truncated: list[bool], scores: list[float], accs: list[float]) -> dict[str, float]:
     """Reward mean, accuracy, response-length statistics and clip ratio of a set of samples (NaN when empty)."""
     n = len(lengths)

@@ -220,11 +220,7 @@ class Policy:
         # a head that trains: autograd, each chunk's logits recomputed in backward (activation checkpointing)
         logp = torch.cat([checkpoint(_token_logp, self.lm_head, h[s : s + n], targets[s : s + n], T, use_reentrant=False)
                           for s in range(0, h.shape[0], n)])
-        if not with_entropy:
-            return logp, None
-        with torch.no_grad():
-            return logp, torch.cat([_head_chunk(self.lm_head, h[s : s + n].detach(), targets[s : s + n], T)[1]
-                                    for s in range(0, h.shape[0], n)])
+        return logp, self._head_logprobs(h.detach(), targets, True)[1] if with_entropy else None
 
     def _can_go_lean(self) -> bool:
         # not under gradient checkpointing (the lean forward keeps its activations), nor with the adapter

@@ -11,7 +11,6 @@ estimator 1 - C(n-c, k) / C(n, k).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -88,7 +87,7 @@ def summarize(rows: list[dict], k: int | None = None) -> dict[str, float]:
         M.VAL_PASS: sum(r["pass_at_k"] for r in rows) / len(rows),
         M.VAL_CONS: sum(r["cons_at_k"] for r in rows) / len(rows),
         M.VAL_LENGTH: sum(lengths) / len(lengths),
-        M.VAL_REWARD: _mean(x for r in rows for x in r.get("scores", ())),  # (rows written before scores were kept: NaN)
+        M.VAL_REWARD: M.nan_mean(x for r in rows for x in r.get("scores", ())),  # (rows written before scores were kept: NaN)
         "val/k": float(k),
         "val/num_problems": float(len(rows)),
     }
@@ -137,13 +136,7 @@ def evaluate_rollouts(engine, tokenizer, examples, k: int, params: SamplingParam
         })
     summary = summarize(rows, k)
     for name, values in rew.components.items():  # reward.function(s): each reward's own mean, as in training
-        summary[M.reward_component(name, val=True)] = _mean(values)
+        summary[M.reward_component(name, val=True)] = M.nan_mean(values)
     if rew.failures:
         summary["val/reward_failures"] = float(rew.failures)
     return summary, rows
-
-
-def _mean(values) -> float:
-    """The mean of the finite values (a failed reward is NaN), NaN when none is."""
-    kept = [float(v) for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else math.nan

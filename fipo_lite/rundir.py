@@ -132,7 +132,7 @@ def input_digests(cfg: DictConfig) -> dict[str, str]:
     Saved in every checkpoint's trainer state; a resume compares them as it compares the config."""
     paths = [spec.rpartition(":")[0] for _, spec, _, _ in component_entries(cfg.reward)
              if isinstance(spec, str) and spec_kind(spec) == "file"]
-    paths += [s for key in ("train", "val") for s in data_specs(cfg.data[key]) if isinstance(s, str) and os.path.isfile(s)]
+    paths += [s for key in ("train", "val") for s in data_specs(cfg.data[key]) if isinstance(s, str)]  # synthetic:, hf: are no files
     return {f"file {os.path.abspath(p)}": checkpoint.file_sha256(Path(p)) for p in sorted(set(paths)) if os.path.isfile(p)}
 
 

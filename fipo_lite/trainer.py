@@ -169,11 +169,8 @@ def group_metrics(groups: list[Group]) -> dict[str, float]:
 def component_metrics(groups: list[Group], names: list[str], sampled: bool = False) -> dict[str, float]:
     """The mean unweighted score of each of reward.function(s) (`names`) over these groups' samples; a
     sample whose reward failed (NaN) is left out, as NaN when none is left (as reward/mean of no groups)."""
-    out = {}
-    for name in names:
-        vals = [v for g in groups for v in (g.components or {}).get(name, ()) if not math.isnan(v)]
-        out[M.reward_component(name, sampled)] = sum(vals) / len(vals) if vals else math.nan
-    return out
+    return {M.reward_component(name, sampled): M.nan_mean(v for g in groups for v in (g.components or {}).get(name, ()))
+            for name in names}
 
 
 # ----------------------------------------------------------------------------- update

@@ -227,10 +227,14 @@ def _hydra_list(items) -> str:
     return "[" + ",".join(str(x) for x in items) + "]"
 
 
+def _is_parquet(spec) -> bool:
+    return isinstance(spec, str) and spec.endswith(".parquet")
+
+
 def _parquet_files(value) -> list[str]:
     from ..data import data_specs
 
-    return [s for s in data_specs(value) if isinstance(s, str) and s.endswith(".parquet")]
+    return [s for s in data_specs(value) if _is_parquet(s)]
 
 
 def untranslated(cfg) -> list[str]:
@@ -241,7 +245,7 @@ def untranslated(cfg) -> list[str]:
     notes = []
     for split, key in (("train", "data.train_files"), ("val", "data.val_files")):
         for spec in data_specs(cfg.data[split]):
-            if spec not in _parquet_files(spec):
+            if not _is_parquet(spec):
                 notes.append(f"data.{split}={spec!r} is not a verl-format .parquet file: it is left out of {key}; "
                              "write it as one (prompt as chat messages, reward_model.ground_truth) and add it there")
     return notes

@@ -23,6 +23,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .allocator import KEEP_FREED_MEMORY
 from .backends import BACKENDS
 from .backends.hf import DEVICES, DTYPES
 from .engines import ENGINES
@@ -237,6 +238,7 @@ class TrainerConfig:
     project: str = "fipo_lite"  # W&B project, MLflow experiment
     run_name: Optional[str] = None  # W&B / MLflow run name; None: the name of output_dir
     num_threads: int = 0  # torch CPU threads; 0: leave torch's default
+    keep_freed_memory: str = "auto"  # glibc keeps freed big blocks for reuse (auto: CPU runs); see allocator.py
     allow_config_change: bool = False  # resume even though training-relevant keys changed (recorded in the run dir)
 
 
@@ -265,7 +267,7 @@ RESUME_SAFE_KEYS = frozenset({
     "output_dir", "trainer.total_steps", "trainer.eval_every", "trainer.save_every", "trainer.keep_checkpoints",
     "trainer.resume", "trainer.progress", "trainer.log_rollouts", "trainer.log_rollouts_max", "trainer.print_samples_every",
     "trainer.print_samples_num", "trainer.logger", "trainer.project", "trainer.run_name", "trainer.num_threads",
-    "trainer.allow_config_change",
+    "trainer.keep_freed_memory", "trainer.allow_config_change",
     "trainer.logprob_chunk_size", "trainer.share_prompt_forward", "trainer.lean_forward", "trainer.micro_batch_size", "trainer.max_tokens_per_micro_batch",
     "model.device", "model.cache_dir", "model.gradient_checkpointing", "model.offload_gradients", "model.attn_implementation",
     "rollout.generation_batch_size", "rollout.merge_lora", "rollout.lean_decode", "rollout.vllm.gpu_memory_utilization", "rollout.vllm.enable_prefix_caching",
@@ -287,6 +289,7 @@ def choices() -> dict[str, tuple]:
         "rollout.merge_lora": MERGE_LORA,
         "rollout.lean_decode": LEAN_DECODE,
         "trainer.lean_forward": LEAN_FORWARD,
+        "trainer.keep_freed_memory": KEEP_FREED_MEMORY,
         "rollout.vllm.max_lora_rank": VLLM_LORA_RANKS,
         "reward.name": reward_names(),
         "algorithm.loss_mode": MODES,

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import checkpoint, metrics as M, rundir, samples as S, tracking
+from .allocator import keep_freed_memory
 from .config import gen_batch_size, load_config, policy_loss_kwargs, warmup_steps
 from .data import data_specs, encode_within, load_examples, prompt_template, set_name
 from .engines import SamplingParams, build_engine
@@ -460,6 +461,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker
     # Unsloth replaces the model's forward with its own; the shared-prompt pass is checked on transformers' only.
     policy = Policy(model, tokenizer, t.logprob_chunk_size, share_prompts=t.share_prompt_forward and cfg.model.backend != "unsloth",
                     lean_forward=use_lean_forward(t.lean_forward, model, cfg.model.backend), temperature=r.temperature)
+    keep_freed_memory(t.keep_freed_memory, policy.device.type)
     engine = build_engine(cfg, model, tokenizer)
     synthetic = isinstance(cfg.data.train, str) and cfg.data.train.startswith("synthetic:")
     task = get_task(cfg.data.train.split(":", 1)[1]) if synthetic else None

@@ -6,8 +6,8 @@ Same random tiny Qwen2 (0.8M parameters, built here), same 8 addition prompts, 8
     fipo_lite: `fipo_lite.trainer.train` (FIPO loss, dynamic sampling off, eval and checkpoints off)
     TRL:       trl.GRPOTrainer (TRL 0.24, loss_type="dapo", beta=0), on the CPU
 
-Each side runs `--rounds` times, alternating, `--steps` steps per round; the first `--warmup` steps
-of each round are not timed. It prints seconds per step (median over the timed steps), the ratio
+Each side runs `--rounds` times, alternating, `--steps` steps per round, each run in a fresh Python
+process; the first `--warmup` steps of each round are not timed. It prints seconds per step (median over the timed steps), the ratio
 fipo_lite / TRL, and where fipo_lite's step goes (sampling, scoring, old log-probs, update).
 `--variant "OVERRIDES"` times a second fipo_lite configuration in the same rounds (e.g. the lean
 paths off: "rollout.lean_decode=false trainer.lean_forward=false").
@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -138,6 +139,25 @@ def bench_sampling(model_dir: str, task: str, rounds: int, threads: int) -> dict
     return {"hf_tokens_per_s": hf, "vllm_tokens_per_s": vllm, "hf_over_vllm": hf / vllm, "rounds": rounds, "all": rates}
 
 
+def in_own_process(side: str, model_dir: str, out_dir: str, steps: int, threads: int, extra: list[str], task: str):
+    """One side's run in a fresh Python process: nothing one side sets process-wide (fipo_lite's malloc
+    thresholds, torch's thread pools, allocator state) carries over to the other."""
+    result = Path(out_dir + ".json")
+    cmd = [sys.executable, __file__, "--_side", side, "--_args", json.dumps([model_dir, out_dir, steps, threads, extra, task, str(result)])]
+    subprocess.run(cmd, check=True)
+    return json.loads(result.read_text())
+
+
+def _run_side(side: str, spec: str) -> int:
+    model_dir, out_dir, steps, threads, extra, task, result = json.loads(spec)
+    if side == "fipo":
+        out = run_fipo_lite(model_dir, out_dir, steps, threads, extra, task)
+    else:
+        out = run_trl(model_dir, out_dir, steps, threads, task)
+    Path(result).write_text(json.dumps(out))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=12, help="steps per round and side")
@@ -150,7 +170,11 @@ def main(argv=None) -> int:
     p.add_argument("--task", help="synthetic task of the prompts (default addition3; mul2x1 with --model)")
     p.add_argument("--sampling", action="store_true", help="time the HF engine against vLLM's CPU build instead (stack lane)")
     p.add_argument("fipo_overrides", nargs="*", help="extra fipo_lite overrides, e.g. rollout.merge_lora=false")
+    p.add_argument("--_side", help=argparse.SUPPRESS)  # internal: run one side (in_own_process)
+    p.add_argument("--_args", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a._side:
+        return _run_side(a._side, a._args)
     task = a.task or ("mul2x1" if a.model else "addition3")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_loop_"))
@@ -176,12 +200,12 @@ def main(argv=None) -> int:
     trl_times: list[float] = []
     trl_lengths: list[float] = []
     for r in range(a.rounds):
-        rows = run_fipo_lite(model_dir, str(tmp / f"fipo_{r}"), a.steps, a.threads, a.fipo_overrides, task)
+        rows = in_own_process("fipo", model_dir, str(tmp / f"fipo_{r}"), a.steps, a.threads, a.fipo_overrides, task)
         fipo_steps += rows[a.warmup:]
         if a.variant:
-            variant_steps += run_fipo_lite(model_dir, str(tmp / f"variant_{r}"), a.steps, a.threads,
-                                           [*a.fipo_overrides, *a.variant.split()], task)[a.warmup:]
-        times, lengths = run_trl(model_dir, str(tmp / f"trl_{r}"), a.steps, a.threads, task)
+            variant_steps += in_own_process("fipo", model_dir, str(tmp / f"variant_{r}"), a.steps, a.threads,
+                                            [*a.fipo_overrides, *a.variant.split()], task)[a.warmup:]
+        times, lengths = in_own_process("trl", model_dir, str(tmp / f"trl_{r}"), a.steps, a.threads, [], task)
         trl_times += times[a.warmup:]
         trl_lengths += lengths[a.warmup:]
         print(f"[bench_loop] round {r + 1}/{a.rounds}: fipo_lite {statistics.median(x['time/step_s'] for x in rows[a.warmup:]):.3f} s/step, "

@@ -33,4 +33,7 @@ def keep_freed_memory(setting: str, device: str) -> bool:
                              f"this is {platform.system()} {platform.libc_ver()[0] or 'without glibc'}: use auto or false")
         return False
     mallopt = ctypes.CDLL("libc.so.6").mallopt
-    return bool(mallopt(_M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, THRESHOLD))
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, THRESHOLD))
+    if setting == "true" and not applied:  # "true" is a promise: a glibc that refuses the thresholds stops the run
+        raise ValueError(f"trainer.keep_freed_memory=true: glibc refused mallopt thresholds of {THRESHOLD} bytes; use auto or false")
+    return applied

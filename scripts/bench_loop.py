@@ -7,8 +7,9 @@ Same random tiny Qwen2 (0.8M parameters, built here), same 8 addition prompts, 8
     TRL:       trl.GRPOTrainer (TRL 0.24, loss_type="dapo", beta=0), on the CPU
 
 Each side runs `--rounds` times, alternating, `--steps` steps per round, each run in a fresh Python
-process; the first `--warmup` steps of each round are not timed. It prints seconds per step (median over the timed steps), the ratio
-fipo_lite / TRL, and where fipo_lite's step goes (sampling, scoring, old log-probs, update).
+process; the first `--warmup` steps of each round are not timed. It prints seconds per step (median
+over the timed steps), the ratio fipo_lite / TRL, and where fipo_lite's step goes (sampling, scoring,
+old log-probs, update).
 `--variant "OVERRIDES"` times a second fipo_lite configuration in the same rounds (e.g. the lean
 paths off: "rollout.lean_decode=false trainer.lean_forward=false").
 Timings are only comparable within one run on an otherwise idle machine.

@@ -47,3 +47,16 @@ def test_keep_freed_memory_leaves_gpu_runs_alone_and_refuses_unknown_values():
         keep_freed_memory("yes", "cpu")
     with pytest.raises(UserError, match="trainer.keep_freed_memory"):
         load_config(None, ["trainer.keep_freed_memory=always"])
+
+
+@pytest.mark.skipif(not GLIBC, reason="sets glibc's malloc thresholds (Linux with glibc only)")
+def test_true_stops_the_run_when_glibc_refuses_the_thresholds(monkeypatch):
+    import ctypes
+
+    class Refusing:
+        mallopt = staticmethod(lambda param, value: 0)
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Refusing())
+    with pytest.raises(ValueError, match="glibc refused"):
+        keep_freed_memory("true", "cpu")
+    assert keep_freed_memory("auto", "cpu") is False  # auto: left as glibc's default, the run goes on

@@ -32,6 +32,7 @@ from .engines.vllm import VLLM_LORA_RANKS, max_model_len
 from .errors import UserError
 from .future_kl import STARTS
 from .objective import DEFAULT_AGG, LOSS_AGG_MODES, MODES, policy_loss, resolve_clip_high
+from .packed import PACKED_MATMUL
 from .policy import LEAN_FORWARD
 from .rewards import RewardError, absolute_spec, check_entries, reward_names
 from .tasks import FORM_TASKS
@@ -239,6 +240,7 @@ class TrainerConfig:
     run_name: Optional[str] = None  # W&B / MLflow run name; None: the name of output_dir
     num_threads: int = 0  # torch CPU threads; 0: leave torch's default
     keep_freed_memory: str = "auto"  # glibc keeps freed big blocks for reuse (auto: CPU runs); see allocator.py
+    packed_matmul: str = "auto"  # float32 CPU matmuls of lean.py and the LM head against oneDNN-packed weights; see packed.py
     allow_config_change: bool = False  # resume even though training-relevant keys changed (recorded in the run dir)
 
 
@@ -267,7 +269,7 @@ RESUME_SAFE_KEYS = frozenset({
     "output_dir", "trainer.total_steps", "trainer.eval_every", "trainer.save_every", "trainer.keep_checkpoints",
     "trainer.resume", "trainer.progress", "trainer.log_rollouts", "trainer.log_rollouts_max", "trainer.print_samples_every",
     "trainer.print_samples_num", "trainer.logger", "trainer.project", "trainer.run_name", "trainer.num_threads",
-    "trainer.keep_freed_memory", "trainer.allow_config_change",
+    "trainer.keep_freed_memory", "trainer.packed_matmul", "trainer.allow_config_change",
     "trainer.logprob_chunk_size", "trainer.share_prompt_forward", "trainer.lean_forward", "trainer.micro_batch_size", "trainer.max_tokens_per_micro_batch",
     "model.device", "model.cache_dir", "model.gradient_checkpointing", "model.offload_gradients", "model.attn_implementation",
     "rollout.generation_batch_size", "rollout.merge_lora", "rollout.lean_decode", "rollout.vllm.gpu_memory_utilization", "rollout.vllm.enable_prefix_caching",
@@ -290,6 +292,7 @@ def choices() -> dict[str, tuple]:
         "rollout.lean_decode": LEAN_DECODE,
         "trainer.lean_forward": LEAN_FORWARD,
         "trainer.keep_freed_memory": KEEP_FREED_MEMORY,
+        "trainer.packed_matmul": PACKED_MATMUL,
         "rollout.vllm.max_lora_rank": VLLM_LORA_RANKS,
         "reward.name": reward_names(),
         "algorithm.loss_mode": MODES,

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from .allocator import keep_freed_memory
     from .config import OverlongConfig, RewardConfig
     from .data import load_examples
     from .rewards import RewardRunner, absolute_spec, spec_kind
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             model, tok = load_for_eval(args.model, args.device, args.dtype or "float32")
             prompt_ids = encode_prompts(tok, examples, **template)
             engine = HFEngine(model, tok, args.batch_size)
+            keep_freed_memory("auto", engine.device.type)  # as the trainer's default: no page faults per decode step
     except (ValueError, ImportError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,10 +5,11 @@ On a small model both are mostly per-call overhead rather than arithmetic: trans
 position embeddings and cache bookkeeping around every layer, re-concatenates its growing KV cache at
 every token, and runs padding positions through every layer; peft adds two full-size elementwise
 passes (scale, add) per adapted layer. Here the q/k/v and gate/up projections are each one matmul,
-the residual adds are done by the matmuls (addmm), LoRA is merged into the frozen weight for the
-training matmuls (its gradients taken in factored form), the decode step
-writes into a KV cache allocated once, and the prefill and the training forward run only real tokens
-(packed, each distinct prompt once) through the position-wise layers, unpacking them just for attention.
+every matmul against a weight packed once for oneDNN (packed.py), the residual adds are done by the
+matmuls, LoRA is merged into the frozen weight for the training matmuls (its gradients taken in
+factored form), the decode step writes into a KV cache allocated once, and the prefill and the
+training forward run only real tokens (packed, each distinct prompt once) through the position-wise
+layers, unpacking them just for attention.
 
 Only the model's own weights and modules are used (norms, rotary embedding, activation, peft's
 lora_A/lora_B parameters, so optimizers, checkpoints and adapters are untouched). Anything these
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .packed import Packed
 
 ARCHITECTURES = ("qwen2", "qwen3", "llama")
 CACHE_START = 256  # decode-cache columns allocated after the prompt; doubled when full (long limits, short answers)
@@ -131,12 +134,6 @@ def _act(mlp, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x) if mlp.config.hidden_act == "silu" else mlp.act_fn(x)
 
 
-def _add_linear(h: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """h + x @ weight_t (+ bias), the residual add done by the matmul itself."""
-    out = torch.addmm(h, x, weight_t)
-    return out if bias is None else out + bias
-
-
 def _cat_bias(linears) -> torch.Tensor | None:
     if all(p.bias is None for p in linears):
         return None
@@ -156,16 +153,17 @@ class LeanDecoder:
         attn = self.body.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.heads, self.kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
-        self._fused, self._versions = [], None
+        self._fused, self._head, self._versions = [], None, None
 
     def _fused_weights(self) -> list[tuple]:
         """Per layer: q|k|v weight and bias, gate|up weight, concatenated once and rebuilt when an
         optimizer step or an adapter merge has changed a source tensor (its in-place version moved)."""
         sources = [t for layer in self.body.layers for p in _projections(layer) for t in (p.weight, p.bias) if t is not None]
-        versions = [t._version for t in sources]
+        versions = [t._version for t in (*sources, self.lm_head.weight)]
         if versions != self._versions:
             with torch.no_grad():
                 self._fused = [self._fuse(layer) for layer in self.body.layers]
+                self._head = Packed(self.lm_head.weight) if type(self.lm_head) is torch.nn.Linear else None
             self._versions = versions
         return self._fused
 
@@ -178,8 +176,8 @@ class LeanDecoder:
     @staticmethod
     def _fuse(layer) -> tuple:
         q, k, v, o, gate, up, down = _projections(layer)
-        return (torch.cat([q.weight, k.weight, v.weight]), _cat_bias((q, k, v)), torch.cat([gate.weight, up.weight]),
-                _cat_bias((gate, up)), o.weight.t(), o.bias, down.weight.t(), down.bias)  # transposed views: addmm's operand order
+        return (Packed(torch.cat([q.weight, k.weight, v.weight])), _cat_bias((q, k, v)), Packed(torch.cat([gate.weight, up.weight])),
+                _cat_bias((gate, up)), Packed(o.weight), o.bias, Packed(down.weight), down.bias)
 
     @torch.no_grad()
     def prefill(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -247,7 +245,7 @@ class LeanDecoder:
         bias = self.bias[..., : T + 1].view(B * kvh, 1, T + 1)
         for layer, (w_qkv, b_qkv, w_gu, b_gu, w_o, b_o, w_down, b_down), kc, vc in zip(self.body.layers, self.fused, self.k, self.v):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = F.linear(_norm(layer.input_layernorm, h), w_qkv, b_qkv)
+            qkv = w_qkv(_norm(layer.input_layernorm, h), b_qkv)
             qk = _rotate(_qk(attn, qkv, heads, kvh, d), cos, sin)  # q and k heads rotated together
             kc[..., T] = qk[:, heads:]
             vc[:, :, T] = qkv[:, (heads + kvh) * d :].view(B, kvh, d)
@@ -256,11 +254,12 @@ class LeanDecoder:
             scores = torch.baddbmm(bias, q, kc[..., : T + 1].view(B * kvh, d, T + 1), alpha=self.scaling)
             probs = scores.softmax(-1) if scores.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(q.dtype)
             o = torch.bmm(probs, vc[:, :, : T + 1].view(B * kvh, T + 1, d))
-            h = _add_linear(h, o.view(B, heads * d), w_o, b_o)
-            gate, up = F.linear(_norm(layer.post_attention_layernorm, h), w_gu, b_gu).chunk(2, dim=-1)  # Llama mlp_bias
-            h = _add_linear(h, _act(mlp, gate) * up, w_down, b_down)
+            h = w_o(o.view(B, heads * d), b_o, residual=h)
+            gate, up = w_gu(_norm(layer.post_attention_layernorm, h), b_gu).chunk(2, dim=-1)  # Llama mlp_bias
+            h = w_down(_act(mlp, gate) * up, b_down, residual=h)
         self.T = T + 1
-        return self.lm_head(_norm(self.body.norm, h))
+        h = _norm(self.body.norm, h)
+        return self._head(h, self.lm_head.bias) if self._head is not None else self.lm_head(h)
 
 
 # ----------------------------------------------------------------------------- trainer: LoRA forward
@@ -286,14 +285,12 @@ class _MergedLoRA(torch.autograd.Function):
         ctx.weights, ctx.adapted = weights, adapted
         ctx.has_residual = residual is not None
         ctx.save_for_backward(x, *lora)
-        merged = _merge(weights, adapted, lora)
-        out = F.linear(x, merged, bias) if residual is None else torch.addmm(residual, x, merged.t())
-        return out if residual is None or bias is None else out + bias
+        return Packed(_merge(weights, adapted, lora), rows=x.shape[0])(x, bias, residual)
 
     @staticmethod
     def backward(ctx, dy):
         x, *lora = ctx.saved_tensors
-        dx = dy @ _merge(ctx.weights, ctx.adapted, lora) if ctx.needs_input_grad[0] else None
+        dx = Packed(_merge(ctx.weights, ctx.adapted, lora).t(), rows=dy.shape[0])(dy) if ctx.needs_input_grad[0] else None
         grads, start, pairs = [], 0, iter(zip(lora[0::2], lora[1::2]))
         for w, has_lora in zip(ctx.weights, ctx.adapted):
             if has_lora:

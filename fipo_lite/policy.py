@@ -20,6 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import lean
+from .packed import Packed
 
 LEAN_FORWARD = ("auto", "true", "false")  # trainer.lean_forward
 
@@ -78,9 +79,12 @@ def _writes_logits_in_place(lm_head) -> bool:
     return type(lm_head) is torch.nn.Linear and lm_head.weight.dtype == torch.float32
 
 
-def _logits(lm_head, h: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """lm_head(h) in float32, written into `out` when given (a float32 nn.Linear head): a reused buffer,
-    because on CPU every fresh [chunk, vocab] tensor (200 MB at a 49k vocabulary) costs page faults again."""
+def _logits(lm_head, h: torch.Tensor, out: torch.Tensor | None, packed: Packed | None = None) -> torch.Tensor:
+    """lm_head(h) in float32: through `packed` (its weight packed for oneDNN) when active, else written
+    into `out` when given (a float32 nn.Linear head): a reused buffer, because on CPU every fresh
+    [chunk, vocab] tensor (200 MB at a 49k vocabulary) costs page faults again."""
+    if packed is not None and packed.active:
+        return packed(h, lm_head.bias)
     if out is None:
         return lm_head(h).float()
     out = out[: h.shape[0]]
@@ -89,11 +93,12 @@ def _logits(lm_head, h: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def _head_chunk(lm_head, h: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool = True,
-                jacobian: bool = False, buffers: tuple | None = None):
+                jacobian: bool = False, buffers: tuple | None = None, packed: tuple | None = None):
     """One chunk's log-prob of each target (and entropy) at temperature T, from one head matmul; with
     `jacobian`, also d logp / dh = (W[target] - softmax @ W) / T, [tokens, hidden] (a second matmul).
-    The log-softmax is done in place: two [tokens, vocab] float32 buffers (`buffers`, reused across chunks)."""
-    z = _logits(lm_head, h, buffers[0] if buffers else None)
+    The log-softmax is done in place: two [tokens, vocab] float32 buffers (`buffers`, reused across chunks).
+    `packed`: W and W^T packed once for all chunks (_packed_head)."""
+    z = _logits(lm_head, h, buffers[0] if buffers else None, packed[0] if packed else None)
     if temperature != 1.0:
         z.div_(temperature)
     z.sub_(z.amax(-1, keepdim=True))
@@ -106,15 +111,27 @@ def _head_chunk(lm_head, h: torch.Tensor, targets: torch.Tensor, temperature: fl
     jac = None
     if jacobian:
         w = lm_head.weight
-        jac = ((w[targets].float() - (probs.to(w.dtype) @ w).float()) / temperature).to(h.dtype)
+        mean_w = packed[1](probs) if packed and packed[1].active else probs.to(w.dtype) @ w  # softmax @ W
+        jac = ((w[targets].float() - mean_w.float()) / temperature).to(h.dtype)
     return logp, ent, jac
 
 
-def _head_buffers(h: torch.Tensor, lm_head, chunk_size: int) -> tuple:
-    """(logits buffer or None, softmax buffer), [min(chunk, tokens), vocab] float32, for _head_chunk."""
+def _packed_head(lm_head, h: torch.Tensor, chunk_size: int, jacobian: bool = False) -> tuple | None:
+    """(W, W^T) of a float32 nn.Linear head packed for oneDNN (W^T only with `jacobian`), or None."""
+    if not _writes_logits_in_place(lm_head):
+        return None
+    rows = min(chunk_size, h.shape[0])
+    w = lm_head.weight.detach()
+    return Packed(w, rows), Packed(w.t(), rows) if jacobian else None
+
+
+def _head_buffers(h: torch.Tensor, lm_head, chunk_size: int, packed: tuple | None) -> tuple:
+    """(logits buffer or None, softmax buffer), [min(chunk, tokens), vocab] float32, for _head_chunk
+    (no logits buffer when the packed head writes the logits)."""
     rows = min(chunk_size, h.shape[0])
     new = lambda: torch.empty((rows, lm_head.weight.shape[0]), dtype=torch.float32, device=h.device)  # noqa: E731
-    return new() if _writes_logits_in_place(lm_head) else None, new()
+    in_place = _writes_logits_in_place(lm_head) and not (packed and packed[0].active)
+    return new() if in_place else None, new()
 
 
 class _FrozenHeadLogp(torch.autograd.Function):
@@ -127,8 +144,10 @@ class _FrozenHeadLogp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, targets, lm_head, temperature, chunk_size):
-        buffers = _head_buffers(h, lm_head, chunk_size)
-        parts = [_head_chunk(lm_head, h[s : s + chunk_size], targets[s : s + chunk_size], temperature, jacobian=True, buffers=buffers)
+        packed = _packed_head(lm_head, h, chunk_size, jacobian=True)
+        buffers = _head_buffers(h, lm_head, chunk_size, packed)
+        parts = [_head_chunk(lm_head, h[s : s + chunk_size], targets[s : s + chunk_size], temperature, jacobian=True,
+                             buffers=buffers, packed=packed)
                  for s in range(0, h.shape[0], chunk_size)]
         logp, entropy, jac = (torch.cat(x) for x in zip(*parts))
         ctx.save_for_backward(jac)
@@ -210,8 +229,10 @@ class Policy:
         T, n = self.temperature, self.chunk_size
         if not (torch.is_grad_enabled() and h.requires_grad):
             with torch.no_grad():
-                buffers = _head_buffers(h, self.lm_head, n)
-                parts = [_head_chunk(self.lm_head, h[s : s + n], targets[s : s + n], T, entropy=with_entropy, buffers=buffers)
+                packed = _packed_head(self.lm_head, h, n)
+                buffers = _head_buffers(h, self.lm_head, n, packed)
+                parts = [_head_chunk(self.lm_head, h[s : s + n], targets[s : s + n], T, entropy=with_entropy, buffers=buffers,
+                                     packed=packed)
                          for s in range(0, h.shape[0], n)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]) if with_entropy else None
         if head_is_frozen(self.lm_head):

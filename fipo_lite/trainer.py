@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import checkpoint, metrics as M, rundir, samples as S, tracking
 from .allocator import keep_freed_memory
+from .packed import set_packed_matmul
 from .config import gen_batch_size, load_config, policy_loss_kwargs, warmup_steps
 from .data import data_specs, encode_within, load_examples, prompt_template, set_name
 from .engines import SamplingParams, build_engine
@@ -456,6 +457,7 @@ def _train(cfg: DictConfig, resume: tuple[Path, dict] | None, reward_fn, tracker
     out.mkdir(parents=True, exist_ok=True)
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
+    set_packed_matmul(t.packed_matmul)  # before any weight is packed (the engine's, the policy's)
     set_seed(cfg.seed)
     model, tokenizer = load_model(cfg)
     # Unsloth replaces the model's forward with its own; the shared-prompt pass is checked on transformers' only.

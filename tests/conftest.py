@@ -50,3 +50,15 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(params=["auto", "false"], ids=["packed", "unpacked"])
+def packed_matmul(request):
+    """A test run twice: trainer.packed_matmul=auto (oneDNN-packed weights where torch has them) and
+    false (F.linear), the process-wide setting restored after."""
+    from fipo_lite import packed
+
+    before = packed._state["setting"]
+    packed.set_packed_matmul(request.param)
+    yield request.param
+    packed.set_packed_matmul(before)

@@ -204,7 +204,7 @@ def test_prompt_sharing_is_off_under_gradient_checkpointing(tiny_model_dir):
 
 
 @pytest.mark.parametrize("temperature,chunk,dtype", [(1.0, 7, torch.float32), (0.7, 1024, torch.float32), (1.3, 5, torch.float64)])
-def test_frozen_head_takes_the_logprob_gradient_in_its_forward(temperature, chunk, dtype):
+def test_frozen_head_takes_the_logprob_gradient_in_its_forward(temperature, chunk, dtype, packed_matmul):
     """policy._FrozenHeadLogp (a frozen LM head: LoRA's case) gives autograd's log-probs, entropies and
     gradient with respect to the hidden states, at any temperature and chunking, with a head bias."""
     from fipo_lite.policy import _FrozenHeadLogp, head_is_frozen

@@ -19,6 +19,13 @@ PROMPTS = [[3, 17, 9, 40, 22], [3, 17, 9, 40, 22], [5, 31, 8], [5, 31, 8], [7, 7
 RESPONSES = [[11, 12, 13, 2], [14], [15, 16, 17, 18, 19, 20, 21, 22, 2], [23, 24], [25, 26, 27, 28, 29, 30]]
 
 
+
+
+@pytest.fixture(autouse=True)
+def _both_matmuls(packed_matmul):
+    """Every check here holds with packed (packed.py) and plain matmuls alike."""
+
+
 class _Tok:
     pad_token_id = 0
 

@@ -3,6 +3,11 @@ sums up to float rounding, "false" is F.linear exactly, and the setting is check
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,3 +78,14 @@ def test_first_use_check_leaves_the_random_stream_alone():
     after = torch.rand(4)
     torch.manual_seed(3)
     assert torch.equal(after, torch.rand(4))
+
+
+def test_bench_script_times_both_settings(tiny_model_dir, tmp_path):
+    """scripts/bench_packed.py runs end to end (tiny model, one counted round) and reports both settings."""
+    out = tmp_path / "bench.json"
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "scripts" / "bench_packed.py"), "--model", str(tiny_model_dir), "--task", "addition3",
+                    "--rounds", "2", "--out", str(out)], check=True, cwd=root, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    for key in ("sampling_tokens_per_s", "update_s"):
+        assert set(result[key]) == {"auto", "false"} and all(v > 0 for v in result[key].values())

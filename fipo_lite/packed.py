@@ -2,12 +2,12 @@
 
 torch sends a float32 x @ W^T on the CPU to MKL's sgemm, which repacks W on every call and, on AMD
 processors, does not take its fastest code paths. oneDNN with W reordered once into its blocked
-layout (the op pair torch's inductor uses when it freezes a CPU model) measured 1.3-4x faster on this
-kit's shapes (SmolLM2's projections and 49k LM head, 16 to 3,200 rows) on 2 AMD EPYC cores, with
-AVX-512 and restricted to AVX2 alike. The lean paths (lean.py) and the frozen LM head (policy.py)
-use it: the decode step packs its weights once per rollout, the update packs each merged weight
-once per forward and backward (a reorder costs about one copy of W). The sums are the same, in
-another order: results move by float32 rounding (~1e-6 relative), not more.
+layout (the op pair torch's inductor uses when it freezes a CPU model) is faster on this kit's
+shapes: on SmolLM2 on 2 AMD EPYC cores the HF engine samples 1.5x faster with it and the update takes
+0.95 of the time (scripts/bench_packed.py, results/bench_loop.md). The lean paths (lean.py) and
+the frozen LM head (policy.py) use it: the decode step packs its weights once per rollout, the update
+packs each merged weight once per forward and backward (a reorder costs about one copy of W). The
+sums are the same, in another order: results move by float32 rounding (~1e-6 relative), not more.
 
 `trainer.packed_matmul`: "auto" uses it on CPU float32 weights when torch has the ops and they pass
 a check at first use, "true" insists (a torch without them stops the run), "false" keeps F.linear.

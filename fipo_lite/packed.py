@@ -9,8 +9,9 @@ the frozen LM head (policy.py) use it: the decode step packs its weights once pe
 packs each merged weight once per forward and backward (a reorder costs about one copy of W). The
 sums are the same, in another order: results move by float32 rounding (~1e-6 relative), not more.
 
-`trainer.packed_matmul`: "auto" uses it on CPU float32 weights when torch has the ops and they pass
-a check at first use, "true" insists (a torch without them stops the run), "false" keeps F.linear.
+`trainer.packed_matmul`: "auto" uses it on CPU float32 weights of at least MIN_PACKED_ELEMENTS when
+torch has the ops and they pass a check at first use, "true" insists (a torch without them stops the
+run), "false" keeps F.linear.
 Process-wide, set once by the trainer (the default, "auto", serves `evaluate` too).
 """
 
@@ -20,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 PACKED_MATMUL = ("auto", "true", "false")  # trainer.packed_matmul
+# Smaller weights stay on F.linear: on the 0.8M-parameter tiny model (64 x 128 weights) oneDNN's per-call
+# cost made sampling 0.82x and the update 1.24x slower (scripts/bench_packed.py); SmolLM2's smallest is 576 x 576.
+MIN_PACKED_ELEMENTS = 1 << 16
 _state: dict = {"setting": "auto", "works": None}  # works: the first-use check's answer (None: not run yet)
 
 
@@ -68,7 +72,8 @@ class Packed:
     __slots__ = ("weight", "blocked")
 
     def __init__(self, weight: torch.Tensor, rows: int = 64):
-        usable = weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2 and enabled()
+        usable = (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
+                  and weight.numel() >= MIN_PACKED_ELEMENTS and enabled())
         self.blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(int(rows), 1)) if usable else None
         self.weight = None if usable else weight  # a packed weight does not keep the source alive
 

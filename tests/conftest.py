@@ -53,11 +53,12 @@ def shared_data_dir() -> Path:
 
 
 @pytest.fixture(params=["auto", "false"], ids=["packed", "unpacked"])
-def packed_matmul(request):
-    """A test run twice: trainer.packed_matmul=auto (oneDNN-packed weights where torch has them) and
-    false (F.linear), the process-wide setting restored after."""
+def packed_matmul(request, monkeypatch):
+    """A test run twice: trainer.packed_matmul=auto (oneDNN-packed weights where torch has them, small
+    test weights included) and false (F.linear), the process-wide setting restored after."""
     from fipo_lite import packed
 
+    monkeypatch.setattr(packed, "MIN_PACKED_ELEMENTS", 0)
     before = packed._state["setting"]
     packed.set_packed_matmul(request.param)
     yield request.param

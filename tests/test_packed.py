@@ -19,10 +19,20 @@ from fipo_lite.packed import Packed, set_packed_matmul
 
 
 @pytest.fixture(autouse=True)
-def _restore():
+def _restore(monkeypatch):
+    monkeypatch.setattr(packed, "MIN_PACKED_ELEMENTS", 0)  # the small cases below are packed (see the size test)
     before = dict(packed._state)
     yield
     packed._state.update(before)
+
+
+def test_small_weights_stay_on_f_linear(monkeypatch):
+    """Below MIN_PACKED_ELEMENTS (the tiny model's weights) oneDNN's per-call cost outweighs packing."""
+    if not set_packed_matmul("auto"):
+        pytest.skip("this torch has no oneDNN packed linear")
+    monkeypatch.setattr(packed, "MIN_PACKED_ELEMENTS", 1 << 16)
+    assert not Packed(torch.ones(128, 64)).active
+    assert Packed(torch.ones(576, 576)).active
 
 
 def _case(seed: int = 0):

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 PACKED_MATMUL = ("auto", "true", "false")  # trainer.packed_matmul
-# Smaller weights stay on F.linear: on the 0.8M-parameter tiny model (64 x 128 weights) oneDNN's per-call
-# cost made sampling 0.82x and the update 1.24x slower (scripts/bench_packed.py); SmolLM2's smallest is 576 x 576.
-MIN_PACKED_ELEMENTS = 1 << 16
+# Smaller weights stay on F.linear: on the shipped tiny model (hidden 128, gate|up 768 x 128) oneDNN's
+# per-call cost made sampling 0.76-0.82x and the update 1.2x slower (scripts/bench_packed.py --model
+# fipo_lite/assets/tiny); SmolLM2's smallest weight is 576 x 576 (331,776 elements).
+MIN_PACKED_ELEMENTS = 1 << 18
 _state: dict = {"setting": "auto", "works": None}  # works: the first-use check's answer (None: not run yet)
 
 
